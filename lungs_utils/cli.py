@@ -1,0 +1,194 @@
+"""The ``lungs`` command line (also ``python -m lungs_utils``).
+
+Each sub-command is a thin wrapper over a library call; user errors (``LungsError``) are printed as
+one ``error:`` line with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import CLASS_NAMES, __version__
+from .errors import DataWarning, LungsError
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from . import phantom
+
+    weights = tuple(float(w) for w in args.class_weights.split(",")) if args.class_weights else (1, 1, 1)
+    summary = phantom.generate(args.out, n_train=args.train, n_test=args.test, size=args.size,
+                               seed=args.seed, class_weights=weights, overwrite=args.overwrite)
+    print(f"phantom dataset: {summary['data_dir']} ({summary['seconds']:.1f} s)")
+    for split in ("train", "test"):
+        counts = summary[split]
+        print(f"  {split:5s} " + ", ".join(f"{CLASS_NAMES[c]} {counts[c]}" for c in range(len(CLASS_NAMES))))
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .kaggle import download
+
+    folder = download(args.dest, force=args.force)
+    print(f"competition data ready: {folder}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(n_train=args.train, n_test=args.test, size=args.size, overrides=args.param,
+                    fresh=args.fresh)
+
+
+def _on_exists(args: argparse.Namespace) -> str:
+    return "resume" if args.resume else "suffix" if args.suffix else "error"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    record = run(args.params, args.param, on_exists=_on_exists(args), progress_bar=sys.stderr.isatty())
+    score = f", val macro-F1 {record.val_macro_f1:.4f}" if record.val_macro_f1 is not None else ""
+    print(f"run {record.name} ok in {record.seconds / 60:.1f} min{score}: {record.run_dir}")
+    print(f"executed notebook: {record.notebook}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from .runner import format_summary, pipeline
+
+    records = pipeline(args.paths, args.param, on_exists=_on_exists(args))
+    print(format_summary(records))
+    failed = [r for r in records if not r.ok]
+    if failed:
+        print(f"error: {len(failed)} of {len(records)} runs failed: {', '.join(r.name for r in failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from . import leaderboard
+
+    table = leaderboard.gather()
+    path = leaderboard.write(table)
+    print(leaderboard.format_table(table))
+    print(f"written to {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import render
+
+    index = render(args.runs or None)
+    print(f"report: {index}")
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from .ensemble import ensemble_runs
+
+    result = ensemble_runs(args.runs, args.out, method=args.method)
+    for name, f1 in result.members_f1.items():
+        print(f"  {name:30s} val macro-F1 {f1:.4f}  weight {result.weights[name]:.2f}")
+    note = " (optimistic: weights fitted on the same validation set)" if result.method == "weighted" else ""
+    print(f"ensemble ({result.method}) val macro-F1 {result.val_f1:.4f}{note}")
+    print(f"written to {args.out} (submission.csv, predictions, metrics.json, ensemble.json)")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter (YAML value), e.g. -p epochs=5 -p data_dir=null; repeatable")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="reuse an existing run folder and continue training from checkpoints/last.pt")
+    group.add_argument("--suffix", action="store_true",
+                       help="if the run folder exists, use <run_name>-2, -3, ... instead")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="lungs", description="Chest X-ray classifier suite "
+                                     "(0 normal, 1 other disease, 2 COVID-19).")
+    parser.add_argument("--version", action="version", version=f"lungs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="phantom data + the demo pipeline, end to end on a CPU")
+    p.add_argument("--train", type=int, default=600, help="phantom train images (default 600)")
+    p.add_argument("--test", type=int, default=200, help="phantom test images (default 200)")
+    p.add_argument("--size", type=int, default=256, help="phantom image size (default 256)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter in every demo run (e.g. -p epochs=1 for a smoke test)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the previous demo runs first (default: resume them; finished ones only re-predict)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("run", help="execute the notebook named by a params file into outputs/<run_name>/")
+    p.add_argument("params", type=Path, help="params file, e.g. params/10_simple_cnn.yaml")
+    _add_run_options(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("pipeline", help="several runs in order (folders: their *.yaml, sorted)")
+    p.add_argument("paths", nargs="+", type=Path, metavar="DIR_OR_FILE", help="params files or folders")
+    _add_run_options(p)
+    p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("leaderboard", help="print every run in outputs/ and write outputs/leaderboard.csv")
+    p.set_defaults(func=_leaderboard)
+
+    p = sub.add_parser("report", help="render executed notebooks to HTML with an index page")
+    p.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR", help="run folders (default: all in outputs/)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("ensemble", help="combine finished runs' predictions into a new run folder")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders to combine")
+    p.add_argument("--out", type=Path, required=True, help="folder for the ensemble's files")
+    p.add_argument("--method", choices=("weighted", "mean", "vote"), default="weighted",
+                   help="weighted (Caruana selection, default), mean or vote")
+    p.set_defaults(func=_ensemble)
+
+    p = sub.add_parser("phantom", help="write a synthetic dataset in the competition layout")
+    p.add_argument("out", type=Path, help="output folder (the images go to OUT/data/)")
+    p.add_argument("--train", type=int, default=600, help="train images (default 600)")
+    p.add_argument("--test", type=int, default=200, help="test images (default 200)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--class-weights", default=None, metavar="W0,W1,W2",
+                   help="relative class frequencies, e.g. 1,2,1 (default balanced)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/data")
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("download", help="download the competition data with the Kaggle API")
+    p.add_argument("--dest", type=Path, default=None, help="destination (default data/competition)")
+    p.add_argument("--force", action="store_true", help="download again even if the data is there")
+    p.set_defaults(func=_download)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    # Data warnings are for people: one line, no source location.
+    if issubclass(category, DataWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    start = time.perf_counter()
+    try:
+        return int(args.func(args) or 0)
+    except LungsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        return 130

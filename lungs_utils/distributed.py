@@ -1,0 +1,57 @@
+"""Multi-process training through torch.distributed (launched by torchrun).
+
+``torchrun --nproc_per_node=N -m lungs_utils train PARAMS.yaml`` sets RANK / WORLD_SIZE / LOCAL_RANK;
+:func:`train_from_params` joins the process group (nccl on GPUs, gloo on CPU), runs the experiment —
+``train.fit`` wraps the model in DistributedDataParallel and sums metrics across ranks — and only
+rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a torchrun worker with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_process_group() -> tuple[int, int]:
+    """Join the group torchrun set up; returns (rank, world size). A no-op outside torchrun."""
+    if not launched_by_torchrun():
+        return 0, 1
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one classification experiment, distributed when launched by torchrun; returns metrics."""
+    from . import experiment
+
+    rank, _world = init_process_group()
+    try:
+        exp = experiment.run(params, progress=rank == 0)
+        return exp.outputs["metrics"]
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def main(params_path: str, overrides: Iterable[str] = ()) -> int:
+    """``lungs train PARAMS.yaml [-p k=v ...]``: train without papermill (torchrun-friendly)."""
+    from .params import load
+
+    metrics = train_from_params(load(params_path, list(overrides)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"val macro-F1 {metrics['val_macro_f1']:.4f}  accuracy {metrics['val_accuracy']:.4f}")
+    return 0

@@ -1,0 +1,124 @@
+"""One classification run from params: data → split → model → fit → predictions → run-folder files.
+
+Notebooks call these steps one by one (so each can be shown and explained); ``lungs train`` and
+torchrun call :func:`run` for the whole thing. The run-folder contract (DESIGN.md) is filled here:
+``params.yaml``, ``split.csv``, ``history.csv``, ``checkpoints/``, ``metrics.json``,
+``val_predictions.csv``, ``test_predictions.csv``, ``submission.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data as data_mod
+from . import models, predict
+from .io import atomic_write_csv, atomic_write_text
+from .params import dump
+from .paths import outputs_dir
+from .train import TrainResult, autocast_dtype, fit, select_device
+
+
+@dataclass
+class Experiment:
+    """Everything a classification run needs, prepared from params."""
+
+    params: dict[str, Any]
+    run_dir: Path
+    data: data_mod.LungsData
+    split: pd.DataFrame
+    train: data_mod.XrayDataset
+    val: data_mod.XrayDataset
+    test: data_mod.XrayDataset
+    model: torch.nn.Module
+    result: TrainResult | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def run_dir_for(params: Mapping[str, Any]) -> Path:
+    """``output_dir`` when set, else ``outputs/<run_name>``."""
+    return Path(params["output_dir"]) if params["output_dir"] else outputs_dir() / params["run_name"]
+
+
+def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
+    """Load (and cache) the data, make the split, the datasets and the model; write params + split."""
+    params = dict(params)
+    run_dir = run_dir_for(params)
+    data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress)
+    split = data_mod.split_for(data, params["val_fraction"], params["seed"], params["folds"],
+                               params["fold"], params["limit"])
+    train, val, test = data_mod.datasets(data, split)
+    torch.manual_seed(params["seed"])  # same initial weights for the same seed
+    model = models.build(params["model"])
+    if _is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump(params, run_dir / "params.yaml")
+        atomic_write_csv(split, run_dir / "split.csv")
+    return Experiment(params, run_dir, data, split, train, val, test, model)
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def train(exp: Experiment, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Fit the model (history and checkpoints go to the run folder)."""
+    exp.result = fit(exp.model, exp.train, exp.val, exp.params, exp.run_dir, progress=progress,
+                     stop_after=stop_after)
+    return exp.result
+
+
+def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any]:
+    """Validation and test probabilities (TTA per params), metrics.json and the submission."""
+    from .metrics import classification_metrics
+
+    p = exp.params
+    device = select_device(p["device"])
+    kwargs = dict(image_size=p["image_size"], device=device, batch_size=max(64, p["batch_size"]),
+                  tta=p["tta"], channels_last=p["channels_last"],
+                  autocast_dtype=autocast_dtype(device, p["precision"]), progress=progress)
+    t0 = time.perf_counter()
+    val_ids, val_probs = predict.predict_proba(exp.model, exp.val, **kwargs)
+    test_ids, test_probs = predict.predict_proba(exp.model, exp.test, **kwargs)
+    seconds = time.perf_counter() - t0
+    val_true = exp.val.labels
+    val_frame = predict.val_frame(val_ids, val_true, val_probs)
+    test_frame = predict.test_frame(test_ids, test_probs) if len(test_ids) else None
+    metrics = classification_metrics(val_true, val_probs.argmax(axis=1))
+    result = exp.result
+    summary = {
+        "run_name": p["run_name"], "model": p["model"],
+        "val_macro_f1": metrics["macro_f1"], "val_accuracy": metrics["accuracy"],
+        "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"],
+        "tta": p["tta"], "n_val": int(len(val_ids)), "n_test": int(len(test_ids)),
+        "best_epoch": result.best_epoch if result else None,
+        "epochs_run": result.epochs_run if result else None,
+        "stopped_early": result.stopped_early if result else None,
+        "train_seconds": result.seconds if result else None,
+        "train_images_per_s": result.train_images_per_s if result else None,
+        "predict_seconds": seconds,
+        "synthetic_data": exp.data.synthetic,
+    }
+    if _is_main_process():
+        predict.write_predictions(exp.run_dir, val=val_frame, test=test_frame)
+        atomic_write_text(exp.run_dir / "metrics.json", json.dumps(summary, indent=2))
+    exp.outputs = {"metrics": summary, "val": val_frame, "test": test_frame}
+    return summary
+
+
+def run(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
+    """The whole classification run."""
+    exp = prepare(params, progress=progress)
+    train(exp, progress=progress)
+    predict_and_save(exp, progress=progress)
+    return exp
+

@@ -1,0 +1,214 @@
+"""Every run in ``outputs/`` as one table, and the run-folder look-ups the ensemble notebook needs.
+
+A run folder is any ``outputs/<name>/`` with a ``metrics.json`` (model runs and ensembles); its
+``params.yaml``, ``run.json`` and ``history.csv`` fill in the rest. Training time and throughput come
+from ``history.csv`` (every epoch, including those before a resume), not from the last session alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .errors import LungsError
+from .io import atomic_write_csv
+from .paths import outputs_dir
+
+LEADERBOARD_FILE = "leaderboard.csv"
+#: Columns every leaderboard has, in display order.
+CORE_COLUMNS = ("run", "model", "val_macro_f1", "val_accuracy", "epochs", "best_epoch", "train_minutes",
+                "images_per_s", "wall_minutes", "status", "data", "started")
+#: Params never worth a column: they name the run rather than describe it.
+_NOT_COMPARED = {"run_name", "output_dir", "notebook", "data_dir", "cache_dir", "resume", "runs", "model"}
+#: The only params that mean something for an ensemble (the rest are unused defaults).
+_ENSEMBLE_PARAMS = {"ensemble_method"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a broken side file must not hide the whole leaderboard
+    return data if isinstance(data, dict) else {}
+
+
+def _read_params(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Run folders (those holding ``metrics.json``) under ``outputs/``, sorted by name."""
+    root = Path(root) if root is not None else outputs_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+
+
+def _history_stats(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return {}
+    try:
+        history = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError):
+        return {}
+    if history.empty:
+        return {}
+    out: dict[str, float] = {"epochs": float(len(history))}
+    if "train_seconds" in history:
+        seconds = history["train_seconds"].sum() + history.get("val_seconds", pd.Series(0.0)).sum()
+        out["train_minutes"] = float(seconds) / 60
+    if "images_per_s" in history:
+        out["images_per_s"] = float(history["images_per_s"].median())
+    return out
+
+
+def row_for(run_dir: Path) -> dict[str, Any]:
+    """One leaderboard row: core columns plus every param (prefixed ``param.``)."""
+    metrics = _read_json(run_dir / "metrics.json")
+    info = _read_json(run_dir / "run.json")
+    params = _read_params(run_dir / "params.yaml")
+    is_ensemble = (run_dir / "ensemble.json").is_file() or "ensemble_method" in metrics
+    model = (f"ensemble ({metrics.get('ensemble_method', params.get('ensemble_method', '?'))})"
+             if is_ensemble else str(metrics.get("model") or params.get("model") or "?"))
+    synthetic = metrics.get("synthetic_data")
+    row: dict[str, Any] = {
+        "run": run_dir.name,
+        "model": model,
+        "val_macro_f1": metrics.get("val_macro_f1", np.nan),
+        "val_accuracy": metrics.get("val_accuracy", np.nan),
+        "epochs": metrics.get("epochs_run", np.nan),
+        "best_epoch": metrics.get("best_epoch", np.nan),
+        "train_minutes": (metrics["train_seconds"] / 60) if metrics.get("train_seconds") else np.nan,
+        "images_per_s": metrics.get("train_images_per_s") or np.nan,
+        "wall_minutes": (info["wall_seconds"] / 60) if info.get("wall_seconds") else np.nan,
+        "status": info.get("status", "ok" if metrics else "?"),
+        "data": "phantom" if synthetic else ("real" if synthetic is False else ""),
+        "started": info.get("started", ""),
+    }
+    row.update({k: v for k, v in _history_stats(run_dir).items() if not is_ensemble})
+    for key, value in params.items():
+        if key in _NOT_COMPARED or (key in _ENSEMBLE_PARAMS) != is_ensemble:
+            continue
+        row[f"param.{key}"] = str(value) if isinstance(value, (list, dict)) else value
+    return row
+
+
+def gather(root: str | os.PathLike[str] | None = None,
+           folders: Sequence[str | os.PathLike[str]] | None = None) -> pd.DataFrame:
+    """All runs under ``outputs/`` (or ``root``, or just ``folders``), best validation macro-F1 first."""
+    chosen = run_folders(root) if folders is None else [Path(f) for f in folders
+                                                        if (Path(f) / "metrics.json").is_file()]
+    rows = [row_for(d) for d in chosen]
+    if not rows:
+        return pd.DataFrame(columns=list(CORE_COLUMNS))
+    table = pd.DataFrame(rows)
+    table = table.sort_values(["val_macro_f1", "run"], ascending=[False, True], na_position="last",
+                              kind="stable").reset_index(drop=True)
+    param_cols = sorted(c for c in table.columns if c.startswith("param."))
+    return table[list(CORE_COLUMNS) + param_cols]
+
+
+def varying_params(table: pd.DataFrame) -> list[str]:
+    """The ``param.*`` columns whose values differ between runs (what distinguishes them)."""
+    cols = [c for c in table.columns if c.startswith("param.")]
+    # Among the runs that have the param at all (ensembles lack the training ones).
+    return [c for c in cols if table[c].dropna().astype(str).nunique() > 1]
+
+
+def compact(table: pd.DataFrame) -> pd.DataFrame:
+    """The display table: core columns, plus only the params that differ across runs (unprefixed)."""
+    shown = table[list(CORE_COLUMNS) + varying_params(table)].copy()
+    shown.columns = [c.removeprefix("param.") for c in shown.columns]
+    for col in ("val_macro_f1", "val_accuracy"):
+        shown[col] = pd.to_numeric(shown[col], errors="coerce").round(4)
+    for col in ("train_minutes", "wall_minutes", "images_per_s"):
+        shown[col] = pd.to_numeric(shown[col], errors="coerce").round(2)
+    for col in ("epochs", "best_epoch"):
+        shown[col] = pd.to_numeric(shown[col], errors="coerce").round().astype("Int64")
+    return shown
+
+
+def write(table: pd.DataFrame | None = None, path: str | os.PathLike[str] | None = None) -> Path:
+    """Write the compact leaderboard to ``outputs/leaderboard.csv`` (atomically); returns the path."""
+    table = gather() if table is None else table
+    path = Path(path) if path is not None else outputs_dir() / LEADERBOARD_FILE
+    atomic_write_csv(compact(table), path)
+    return path
+
+
+def format_table(table: pd.DataFrame, max_rows: int = 40) -> str:
+    """The compact leaderboard as aligned text for a terminal."""
+    shown = compact(table)
+    if shown.empty:
+        return "(no finished runs in outputs/ yet: `lungs run params/<file>.yaml` or `lungs demo`)"
+    columns = ["run", "model", "val_macro_f1", "val_accuracy", "epochs", "train_minutes", "images_per_s",
+               "status"] + [c for c in shown.columns if c not in CORE_COLUMNS]
+    return shown[columns].head(max_rows).to_string(index=False, na_rep="-")
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs for the ensemble notebook
+# ------------------------------------------------------------------------------------------------
+def has_predictions(run_dir: Path) -> bool:
+    """A finished model run: validation and test predictions present, and not itself an ensemble."""
+    return ((run_dir / "val_predictions.csv").is_file() and (run_dir / "test_predictions.csv").is_file()
+            and not (run_dir / "ensemble.json").is_file())
+
+
+def _val_ids(run_dir: Path) -> tuple[int, ...]:
+    try:
+        return tuple(pd.read_csv(run_dir / "val_predictions.csv", usecols=["id"])["id"].astype(int))
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return ()
+
+
+def ensemble_candidates(exclude: Sequence[str | os.PathLike[str]] = (),
+                        root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Default ensemble members: finished model runs that share the newest run's validation set.
+
+    Runs on another dataset or split cannot be combined, so they are left out (not an error).
+    """
+    root = Path(root) if root is not None else outputs_dir()
+    skip = {Path(p).resolve() for p in exclude}
+    runs = [p for p in sorted(root.iterdir()) if p.is_dir() and has_predictions(p)
+            and p.resolve() not in skip] if root.is_dir() else []
+    if not runs:
+        return []
+    newest = max(runs, key=lambda p: (p / "val_predictions.csv").stat().st_mtime)
+    reference = _val_ids(newest)
+    return [p for p in runs if _val_ids(p) == reference]
+
+
+def resolve_runs(names: Sequence[str | os.PathLike[str]], exclude: Sequence[str | os.PathLike[str]] = (),
+                 root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Run folders from names (``outputs/<name>``) or paths; empty → :func:`ensemble_candidates`."""
+    root = Path(root) if root is not None else outputs_dir()
+    if not names:
+        found = ensemble_candidates(exclude, root)
+        if not found:
+            raise LungsError(f"no finished runs with predictions in {root}: run a model notebook first "
+                             "(e.g. `lungs run params/10_simple_cnn.yaml`) or list runs: runs=[...]")
+        return found
+    out = []
+    for name in names:
+        given = Path(name).expanduser()
+        folder = given if given.is_dir() else root / str(name)
+        if not folder.is_dir():
+            available = ", ".join(p.name for p in sorted(root.iterdir()) if p.is_dir() and has_predictions(p)) \
+                if root.is_dir() else ""
+            raise LungsError(f"run {str(name)!r} not found (neither a folder nor {root / str(name)}); "
+                             f"finished runs: {available or 'none'}")
+        out.append(folder)
+    return out

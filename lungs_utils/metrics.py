@@ -1,0 +1,77 @@
+"""Classification metrics over a whole set, from one confusion matrix.
+
+A confusion matrix is additive across batches and across processes (DDP: one ``all_reduce``), so the
+training loop accumulates it on the device with no per-batch ``.item()`` or sklearn call, and every
+metric is computed once per epoch from it. Macro-F1 here is the competition's: the mean over the three
+classes of per-class F1 on the whole set — not an average of per-batch F1 values, which is biased.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import CLASS_NAMES, NUM_CLASSES
+
+
+class ConfusionMatrix:
+    """Accumulates a ``(C, C)`` count matrix (rows = true class, columns = predicted) on a device."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    def update(self, target: torch.Tensor, predicted: torch.Tensor) -> None:
+        """Add a batch of hard labels (rows with target < 0, i.e. unlabelled, are skipped)."""
+        keep = target >= 0
+        index = target[keep] * self.num_classes + predicted[keep]
+        self.counts += torch.bincount(index, minlength=self.num_classes ** 2)
+
+    def matrix(self) -> np.ndarray:
+        """The counts as a NumPy ``(C, C)`` array (one device-to-host copy)."""
+        return self.counts.view(self.num_classes, self.num_classes).cpu().numpy()
+
+
+def from_confusion(cm: np.ndarray) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class precision / recall / F1 / support from a confusion matrix.
+
+    Zero-division conventions match scikit-learn's ``zero_division=0``.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    total = cm.sum()
+    return {
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "macro_f1": float(f1.mean()),
+        "per_class": {
+            name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                   "support": int(support[c])}
+            for c, name in enumerate(CLASS_NAMES[: len(cm)])
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def classification_metrics(y_true: np.ndarray | torch.Tensor, y_pred: np.ndarray | torch.Tensor,
+                           num_classes: int = NUM_CLASSES) -> dict[str, Any]:
+    """Metrics for hard labels over a whole set (see :func:`from_confusion`)."""
+    acc = ConfusionMatrix(num_classes)
+    acc.update(torch.as_tensor(np.asarray(y_true), dtype=torch.int64),
+               torch.as_tensor(np.asarray(y_pred), dtype=torch.int64))
+    return from_confusion(acc.matrix())
+
+
+def flat(metrics: dict[str, Any], prefix: str = "val_") -> dict[str, float]:
+    """One-level dict for history rows and leaderboards: accuracy, macro_f1 and per-class F1."""
+    row = {f"{prefix}accuracy": metrics["accuracy"], f"{prefix}macro_f1": metrics["macro_f1"]}
+    for name, values in metrics["per_class"].items():
+        row[f"{prefix}f1_{name.split()[0].lower().replace('-19', '')}"] = values["f1"]
+    return row

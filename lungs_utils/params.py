@@ -1,0 +1,230 @@
+"""Experiment parameters: one schema, YAML files in ``params/``, ``-p key=value`` overrides.
+
+Params are plain data (no code). Every key is declared once in :data:`SCHEMA` with its type, default
+and meaning; unknown keys and wrong types are errors that name the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LungsError
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parameter: allowed types, default, optional choices and a one-line help."""
+
+    types: tuple[type, ...]
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def _s(types: type | tuple[type, ...], default: Any, help: str, **kw: Any) -> Spec:
+    return Spec(types if isinstance(types, tuple) else (types,), default, help, **kw)
+
+
+#: Every parameter a params file or a notebook may set. Notebook defaults are quick CPU settings;
+#: the full-size recipes live in ``params/*.yaml``.
+SCHEMA: dict[str, Spec] = {
+    # --- what to run ---------------------------------------------------------------------------
+    "notebook": _s(str, "10_simple_cnn.ipynb", "notebook under notebooks/ that this run executes"),
+    "run_name": _s(str, "run", "folder name under outputs/ for this run"),
+    "data_dir": _s(str, None, "folder holding train_images/ (null = discover)", nullable=True),
+    "output_dir": _s(str, None, "run folder (null = outputs/<run_name>)", nullable=True),
+    # --- data ------------------------------------------------------------------------------------
+    "image_size": _s(int, 256, "side of the square network input, pixels", minimum=16, maximum=1024),
+    "val_fraction": _s(float, 0.2, "stratified validation share", minimum=0.01, maximum=0.9),
+    "folds": _s(int, None, "k for k-fold assignment (null = single split)", nullable=True, minimum=2),
+    "fold": _s(int, 0, "which fold is validation when folds is set", minimum=0),
+    "limit": _s(int, None, "use only this many train images (stratified; quick runs)", nullable=True,
+                minimum=3),
+    "cache_dir": _s(str, None, "decoded-image cache folder (null = data/cache)", nullable=True),
+    "num_workers": _s(int, 0, "DataLoader worker processes", minimum=0),
+    # --- model and training ----------------------------------------------------------------------
+    "model": _s(str, "simple_cnn", "architecture name from lungs_utils.models.names()"),
+    "epochs": _s(int, 3, "training epochs", minimum=0),
+    "batch_size": _s(int, 32, "training batch size", minimum=1),
+    "seed": _s(int, 0, "seed for split, init, augmentation and loader order", minimum=0),
+    "device": _s(str, "auto", "compute device", choices=("auto", "cpu", "cuda")),
+    "optimizer": _s(str, "adamw", "optimizer", choices=("adamw", "adam", "sgd")),
+    "lr": _s(float, 1e-3, "peak learning rate", minimum=0.0),
+    "weight_decay": _s(float, 0.05, "decoupled weight decay", minimum=0.0),
+    "momentum": _s(float, 0.9, "SGD (Nesterov) momentum", minimum=0.0, maximum=1.0),
+    "scheduler": _s(str, "cosine", "learning-rate schedule", choices=("cosine", "onecycle", "none")),
+    "warmup_epochs": _s(float, 1.0, "linear warm-up length (cosine)", minimum=0.0),
+    "label_smoothing": _s(float, 0.0, "cross-entropy label smoothing", minimum=0.0, maximum=0.5),
+    "class_weights": _s((str, list), "none", "loss class weights: none, balanced or [w0, w1, w2]"),
+    "grad_clip": _s(float, None, "clip gradient norm to this (null = off)", nullable=True, minimum=0.0),
+    "precision": _s(str, "auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16")),
+    "channels_last": _s(bool, True, "use channels_last memory format"),
+    "compile": _s(bool, False, "torch.compile the model"),
+    "patience": _s(int, None, "early-stopping patience on val macro-F1 (null = off)", nullable=True,
+                   minimum=1),
+    "resume": _s(bool, False, "continue from checkpoints/last.pt of this run"),
+    "distributed": _s(bool, False, "train with torchrun / DistributedDataParallel"),
+    "nproc_per_node": _s(int, 1, "processes per node when distributed", minimum=1),
+    # --- augmentation (each of the original project's nine flags has one here) --------------------
+    "hflip": _s(float, 0.5, "horizontal-flip probability", minimum=0.0, maximum=1.0),
+    "rotate": _s(float, 10.0, "max rotation, degrees", minimum=0.0, maximum=180.0),
+    "translate": _s(float, 0.05, "max shift as image fraction", minimum=0.0, maximum=0.5),
+    "scale": _s(float, 0.1, "max zoom in/out fraction", minimum=0.0, maximum=0.9),
+    "brightness": _s(float, 0.2, "brightness jitter", minimum=0.0, maximum=1.0),
+    "contrast": _s(float, 0.2, "contrast jitter", minimum=0.0, maximum=1.0),
+    "equalize": _s(float, 0.0, "histogram-equalize probability", minimum=0.0, maximum=1.0),
+    "sharpness": _s(float, 0.0, "random-sharpness probability", minimum=0.0, maximum=1.0),
+    "invert": _s(float, 0.0, "invert probability", minimum=0.0, maximum=1.0),
+    "crop_scale": _s(float, None, "random resized crop min area (null = off)", nullable=True,
+                     minimum=0.05, maximum=1.0),
+    "mixup": _s(float, 0.0, "mixup alpha (0 = off)", minimum=0.0),
+    "cutmix": _s(float, 0.0, "cutmix alpha (0 = off)", minimum=0.0),
+    # --- prediction ------------------------------------------------------------------------------
+    "tta": _s(bool, False, "test-time augmentation (flip + scale shifts)"),
+    # --- ensemble / leaderboard notebooks ---------------------------------------------------------
+    "runs": _s(list, [], "run folders or run names to combine"),
+    "ensemble_method": _s(str, "weighted", "ensemble method", choices=("mean", "weighted", "vote")),
+}
+
+
+def defaults() -> dict[str, Any]:
+    """A fresh dict of every parameter at its default."""
+    return {k: (list(s.default) if isinstance(s.default, list) else s.default) for k, s in SCHEMA.items()}
+
+
+def _type_name(spec: Spec) -> str:
+    names = {int: "integer", float: "number", bool: "true/false", str: "text", list: "list"}
+    text = " or ".join(names[t] for t in spec.types)
+    return text + (" or null" if spec.nullable else "")
+
+
+def check_value(key: str, value: Any, source: str = "params") -> Any:
+    """Validate one value against the schema; returns it (ints widened to float where a number is due)."""
+    if key not in SCHEMA:
+        hint = difflib.get_close_matches(key, SCHEMA, n=1)
+        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise LungsError(
+            f"{source}: unknown key '{key}'{did}; valid keys: {', '.join(sorted(SCHEMA))}"
+        )
+    spec = SCHEMA[key]
+    if value is None:
+        if spec.nullable:
+            return None
+        raise LungsError(f"{source}: '{key}' must be {_type_name(spec)}, got null")
+    ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
+    if not ok and float in spec.types and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise LungsError(
+            f"{source}: '{key}' must be {_type_name(spec)}, got {value!r} ({type(value).__name__})"
+        )
+    if spec.choices is not None and value not in spec.choices:
+        raise LungsError(
+            f"{source}: '{key}' must be one of {', '.join(map(str, spec.choices))}, got {value!r}"
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if spec.minimum is not None and value < spec.minimum:
+            raise LungsError(f"{source}: '{key}' must be >= {spec.minimum}, got {value!r}")
+        if spec.maximum is not None and value > spec.maximum:
+            raise LungsError(f"{source}: '{key}' must be <= {spec.maximum}, got {value!r}")
+    if key == "class_weights":
+        _check_class_weights(value, source)
+    return value
+
+
+def _check_class_weights(value: Any, source: str) -> None:
+    if isinstance(value, str):
+        if value not in ("none", "balanced"):
+            raise LungsError(f"{source}: 'class_weights' must be none, balanced or [w0, w1, w2], got {value!r}")
+        return
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                  for v in value):
+        raise LungsError(f"{source}: 'class_weights' list needs 3 non-negative numbers, got {value!r}")
+
+
+def validate(values: Mapping[str, Any], source: str = "params") -> dict[str, Any]:
+    """Validate a partial mapping of params; returns a new dict of checked values."""
+    return {k: check_value(k, v, source) for k, v in values.items()}
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a params file: a YAML mapping of known keys (validated, not yet merged with defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LungsError(f"params file not found: {path} (see params/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise LungsError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                         "fix the file: params are 'key: value' lines") from None
+    except UnicodeDecodeError:
+        raise LungsError(f"{path}: not a text YAML file; params are 'key: value' lines") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LungsError(f"{path}: expected 'key: value' lines (a YAML mapping), got {type(data).__name__}")
+    return validate(data, source=str(path))
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings (values are YAML scalars: ``epochs=5``, ``data_dir=null``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LungsError(f"-p {item!r}: expected key=value, e.g. -p epochs=5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise LungsError(f"-p {item!r}: value is not a YAML scalar; quote text, e.g. -p run_name=x") from None
+        out[key] = check_value(key, value, source=f"-p {key}")
+    return out
+
+
+def resolve(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults, then each layer in order (later wins); every layer is validated."""
+    merged = defaults()
+    for layer in layers:
+        merged.update(validate(layer))
+    return merged
+
+
+def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()
+         ) -> dict[str, Any]:
+    """Defaults ← params file ← overrides (``key=value`` strings or a mapping), all validated."""
+    layers: list[Mapping[str, Any]] = []
+    if path is not None:
+        layers.append(read_yaml(path))
+    layers.append(validate(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides))
+    return resolve(*layers)
+
+
+def from_namespace(namespace: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
+    """Collect params from a notebook's globals (its ``parameters`` cell plus papermill's injections).
+
+    Only schema keys are taken; everything else in the namespace is ignored. ``fixed`` values
+    (e.g. the notebook's own name) override.
+    """
+    picked = {k: namespace[k] for k in SCHEMA if k in namespace}
+    picked.update(fixed)
+    return resolve(picked)
+
+
+def dump(params: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write resolved params as YAML (atomically)."""
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(dict(params), sort_keys=False))

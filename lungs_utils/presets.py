@@ -1,0 +1,171 @@
+"""Input presets: uint8 batches → normalised float tensors, and training augmentation.
+
+Augmentation runs on whole batches on the training device (per-sample random parameters, vectorised),
+so an epoch never goes through PIL and the CPU data path costs almost nothing. Every one of the original
+project's nine augmentation flags has an equivalent here: flips, rotation, affine shift/zoom,
+brightness, contrast, equalize, sharpness, invert, random resized crop — plus mixup/cutmix
+(torchvision ``v2.MixUp`` / ``v2.CutMix``). :func:`item_transform` builds the same recipe as a
+per-item torchvision v2 pipeline for code that wants one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from . import NUM_CLASSES
+
+#: Grayscale intensity statistics reported for the competition set (on [0, 1]).
+MEAN, STD = 0.514, 0.225
+
+
+def to_input(x: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` → float32 network input at ``image_size``.
+
+    Channel 0 is the radiograph, normalised with the dataset's mean/std; a second channel, if present,
+    is a lung mask mapped to {0, 1}.
+    """
+    x = x.float().div_(255.0)
+    if image_size is not None and x.shape[-2:] != (image_size, image_size):
+        x = resize(x, image_size)
+    x[:, :1].sub_(MEAN).div_(STD)
+    return x
+
+
+def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Batched bilinear resize with antialiasing (float input)."""
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
+class BatchAugment:
+    """Per-sample random augmentation of a float batch in [0, 1] (before normalisation).
+
+    Geometric transforms (flip, rotation, shift, zoom, random resized crop) are folded into one affine
+    grid per sample and applied with a single ``grid_sample``; photometric ones are per-sample factors.
+    A second (mask) channel follows the geometry but not the photometry.
+    """
+
+    def __init__(self, params: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+        self.p = dict(params)
+        self.generator = generator
+
+    def _rand(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator).to(device)
+
+    def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+        return low + (high - low) * self._rand(n, device)
+
+    def geometry(self, x: torch.Tensor) -> torch.Tensor:
+        n, dev, p = x.shape[0], x.device, self.p
+        if not (p["hflip"] or p["rotate"] or p["translate"] or p["scale"] or p["crop_scale"]):
+            return x
+        angle = self._uniform(n, -p["rotate"], p["rotate"], dev) * (math.pi / 180)
+        zoom = self._uniform(n, 1 - p["scale"], 1 + p["scale"], dev)
+        sx = sy = 1.0 / zoom  # output samples a window 1/zoom the size of the input
+        tx = self._uniform(n, -p["translate"], p["translate"], dev) * 2
+        ty = self._uniform(n, -p["translate"], p["translate"], dev) * 2
+        if p["crop_scale"]:
+            # Random resized crop: a window of area in [crop_scale, 1] and aspect in [3/4, 4/3].
+            area = self._uniform(n, p["crop_scale"], 1.0, dev)
+            log_ratio = self._uniform(n, math.log(3 / 4), math.log(4 / 3), dev)
+            ratio = torch.exp(log_ratio)
+            sx = sx * torch.sqrt(area * ratio).clamp(max=1.0)
+            sy = sy * torch.sqrt(area / ratio).clamp(max=1.0)
+            tx = tx + (1 - sx) * self._uniform(n, -1, 1, dev)
+            ty = ty + (1 - sy) * self._uniform(n, -1, 1, dev)
+        flip = torch.where(self._rand(n, dev) < p["hflip"], -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([
+            torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
+            torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
+        ], dim=1)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if x.shape[1] > 1:
+            out[:, 1:] = (out[:, 1:] > 0.5).to(out.dtype)
+        return out
+
+    def photometry(self, x: torch.Tensor) -> torch.Tensor:
+        n, dev, p = x.shape[0], x.device, self.p
+        img = x[:, :1]
+        if p["brightness"]:
+            img = img * self._uniform(n, 1 - p["brightness"], 1 + p["brightness"], dev).view(n, 1, 1, 1)
+        if p["contrast"]:
+            factor = self._uniform(n, 1 - p["contrast"], 1 + p["contrast"], dev).view(n, 1, 1, 1)
+            mean = img.mean(dim=(1, 2, 3), keepdim=True)
+            img = (img - mean) * factor + mean
+        img = img.clamp(0.0, 1.0)
+        for key, fn in (("equalize", _equalize), ("sharpness", _sharpen), ("invert", TF.invert)):
+            if p[key]:
+                chosen = self._rand(n, dev) < p[key]
+                if chosen.any():
+                    img = img.clone()
+                    img[chosen] = fn(img[chosen])
+        return torch.cat([img, x[:, 1:]], dim=1) if x.shape[1] > 1 else img
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.photometry(self.geometry(x))
+
+
+def _equalize(img: torch.Tensor) -> torch.Tensor:
+    # torchvision's equalize works on uint8 histograms; round-trip keeps it exact.
+    return TF.equalize((img * 255).round().to(torch.uint8)).float() / 255
+
+
+def _sharpen(img: torch.Tensor) -> torch.Tensor:
+    return TF.adjust_sharpness(img, sharpness_factor=2.0)
+
+
+def mix(params: Mapping[str, Any]) -> v2.Transform | None:
+    """MixUp / CutMix on (normalised batch, labels) → (batch, soft labels), or None when both are off."""
+    choices: list[v2.Transform] = []
+    if params["mixup"] > 0:
+        choices.append(v2.MixUp(alpha=params["mixup"], num_classes=NUM_CLASSES))
+    if params["cutmix"] > 0:
+        choices.append(v2.CutMix(alpha=params["cutmix"], num_classes=NUM_CLASSES))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def train_batch(x: torch.Tensor, params: Mapping[str, Any], generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """uint8 batch → augmented, normalised float batch at ``params['image_size']``."""
+    x = x.float().div_(255.0)
+    if x.shape[-2:] != (params["image_size"],) * 2:
+        x = resize(x, params["image_size"])
+    x = BatchAugment(params, generator)(x)
+    x[:, :1].sub_(MEAN).div_(STD)
+    return x
+
+
+def item_transform(params: Mapping[str, Any]) -> v2.Compose:
+    """The same recipe as a per-item torchvision v2 pipeline (uint8 ``(C,H,W)`` → normalised float)."""
+    size = params["image_size"]
+    steps: list[v2.Transform] = []
+    if params["crop_scale"]:
+        steps.append(v2.RandomResizedCrop(size, scale=(params["crop_scale"], 1.0), antialias=True))
+    else:
+        steps.append(v2.Resize((size, size), antialias=True))
+    if params["hflip"]:
+        steps.append(v2.RandomHorizontalFlip(params["hflip"]))
+    if params["rotate"] or params["translate"] or params["scale"]:
+        steps.append(v2.RandomAffine(params["rotate"], translate=(params["translate"],) * 2,
+                                     scale=(1 - params["scale"], 1 + params["scale"])))
+    if params["brightness"] or params["contrast"]:
+        steps.append(v2.ColorJitter(brightness=params["brightness"], contrast=params["contrast"]))
+    if params["equalize"]:
+        steps.append(v2.RandomEqualize(params["equalize"]))
+    if params["sharpness"]:
+        steps.append(v2.RandomAdjustSharpness(2.0, params["sharpness"]))
+    if params["invert"]:
+        steps.append(v2.RandomInvert(params["invert"]))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([MEAN], [STD])]
+    return v2.Compose(steps)

@@ -1,0 +1,187 @@
+"""Results for people: short text summaries for notebooks, and an HTML report of executed notebooks.
+
+``render(run_dirs)`` turns each run's executed notebook into ``outputs/report/<run>.html`` (images
+embedded, one self-contained file each) and writes ``outputs/report/index.html``: the leaderboard
+with links to every page, so a pipeline's results can be browsed without Jupyter.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import CLASS_NAMES
+from .errors import LungsError
+from .io import atomic_write_text
+from .paths import outputs_dir
+
+REPORT_DIR = "report"
+
+
+# ------------------------------------------------------------------------------------------------
+# Notebook summaries
+# ------------------------------------------------------------------------------------------------
+def data_summary(data: Any) -> pd.DataFrame:
+    """A validated dataset (:class:`lungs_utils.data.LungsData`) as a small table."""
+    counts = np.bincount(data.labels["target_feature"].to_numpy(), minlength=len(CLASS_NAMES))
+    rows = [("data folder", str(data.data_dir)),
+            ("synthetic (phantom)", "yes" if data.synthetic else "no"),
+            ("train images", len(data.train)), ("test images", len(data.test)),
+            ("lung masks", "yes" if data.masks is not None else "no"),
+            ("stored size (H x W)", "{} x {}".format(*data.image_size)),
+            ("decoded cache", str(data.cache_dir))]
+    rows += [(f"train: {name}", f"{n} ({n / max(counts.sum(), 1):.0%})") for name, n in zip(CLASS_NAMES, counts)]
+    return pd.DataFrame(rows, columns=["", "value"]).set_index("")
+
+
+def experiment_summary(exp: Any) -> pd.DataFrame:
+    """What an :class:`~lungs_utils.experiment.Experiment` is about to train, as a small table."""
+    from . import models
+
+    p = exp.params
+    n_params = sum(t.numel() for t in exp.model.parameters())
+    rows = [("run folder", str(exp.run_dir)), ("data", str(exp.data.data_dir)),
+            ("synthetic data", "yes" if exp.data.synthetic else "no"),
+            ("train / val / test images", f"{len(exp.train)} / {len(exp.val)} / {len(exp.test)}"),
+            ("model", f"{p['model']} ({n_params / 1e6:.2f} M parameters)"),
+            ("input", f"{p['image_size']} px, batch {p['batch_size']}, {p['epochs']} epochs"),
+            ("optimiser", f"{p['optimizer']} lr {p['lr']:g}, wd {p['weight_decay']:g}, {p['scheduler']}"),
+            ("device", str(p["device"]))]
+    try:
+        flops = models.describe(exp.model, image_size=p["image_size"])["flops"]
+        rows.append(("forward cost", f"{flops / 1e9:.2f} GFLOPs per image"))
+    except Exception:  # noqa: BLE001 - a cost estimate is nice to have, never a reason to stop
+        pass
+    return pd.DataFrame(rows, columns=["", "value"]).set_index("")
+
+
+def outputs_summary(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The files a run folder holds (what to upload, what to look at), with sizes."""
+    run_dir = Path(run_dir)
+    rows = []
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            rows.append((str(path.relative_to(run_dir)), f"{path.stat().st_size / 1024:.1f} KB"))
+    return pd.DataFrame(rows, columns=["file", "size"])
+
+
+def ensemble_table(result: Any) -> pd.DataFrame:
+    """Members of an :class:`~lungs_utils.ensemble.EnsembleResult`: weight and own val macro-F1, plus
+    the ensemble's row."""
+    rows = [(name, result.weights.get(name, 0.0), f1) for name, f1 in result.members_f1.items()]
+    rows.append((f"ensemble ({result.method})", 1.0, result.val_f1))
+    frame = pd.DataFrame(rows, columns=["run", "weight", "val_macro_f1"]).set_index("run")
+    return frame.round(4)
+
+
+# ------------------------------------------------------------------------------------------------
+# HTML report
+# ------------------------------------------------------------------------------------------------
+def executed_notebook(run_dir: Path) -> Path | None:
+    """The executed notebook of a run folder (the one ``run.json`` names, else the only .ipynb)."""
+    info_path = run_dir / "run.json"
+    if info_path.is_file():
+        try:
+            named = Path(json.loads(info_path.read_text(encoding="utf-8")).get("executed_notebook") or "")
+        except (OSError, ValueError, AttributeError):
+            named = Path()
+        if named.name and (run_dir / named.name).is_file():
+            return run_dir / named.name
+    found = sorted(run_dir.glob("*.ipynb"))
+    return found[0] if found else None
+
+
+def report_runs(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Run folders under ``outputs/`` that hold an executed notebook."""
+    root = Path(root) if root is not None else outputs_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name != REPORT_DIR and executed_notebook(p))
+
+
+def notebook_html(notebook: Path) -> str:
+    """One executed notebook as a self-contained HTML page (images embedded)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(embed_images=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    return body
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("status", "?"))
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
+def _index(pages: Mapping[str, Path], folders: Mapping[str, Path], board: pd.DataFrame) -> str:
+    from .leaderboard import compact
+
+    def link(name: str) -> str:
+        page = pages.get(name)
+        return f'<a href="{html.escape(page.name)}">{html.escape(name)}</a>' if page else html.escape(name)
+
+    table = compact(board) if not board.empty else board
+    if not table.empty:
+        table = table.assign(run=[link(r) for r in table["run"]])
+        board_html = table.to_html(index=False, escape=False, na_rep="-", border=0, classes="board")
+    else:
+        board_html = "<p>No finished model runs yet.</p>"
+    items = "\n".join(f"<li>{link(name)} <span class='st'>({html.escape(_status(folders[name]))})</span></li>"
+                      for name in pages)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lungs report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table.board {{ border-collapse: collapse; font-size: 0.9em; }}
+table.board th, table.board td {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
+table.board td:first-child, table.board th:first-child {{ text-align: left; }}
+.st {{ color: #777; }}
+</style></head><body>
+<h1>lungs — runs</h1>
+<p>Chest X-ray classification (0 normal, 1 other disease, 2 COVID-19), scored by validation macro-F1.
+Runs marked <i>phantom</i> used the synthetic dataset: their scores say nothing about real X-rays.</p>
+<h2>Leaderboard</h2>
+{board_html}
+<h2>Executed notebooks</h2>
+<ul>
+{items}
+</ul>
+</body></html>
+"""
+
+
+def render(run_dirs: Sequence[str | os.PathLike[str]] | None = None, out: str | os.PathLike[str] | None = None
+           ) -> Path:
+    """Render the runs' executed notebooks (default: every run in ``outputs/``) to HTML; returns the
+    index page's path."""
+    from .leaderboard import gather
+
+    folders = [Path(d) for d in run_dirs] if run_dirs is not None else report_runs()
+    out = Path(out) if out is not None else outputs_dir() / REPORT_DIR
+    pages: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise LungsError(f"run folder {folder} does not exist; pass folders under outputs/")
+        notebook = executed_notebook(folder)
+        if notebook is None:
+            continue  # e.g. a run that failed before its notebook started
+        page = out / f"{folder.name}.html"
+        atomic_write_text(page, notebook_html(notebook))
+        pages[folder.name] = page
+    if not pages:
+        raise LungsError("no executed notebooks to report: run something first (`lungs run ...` or `lungs demo`)")
+    by_name = {f.name: f for f in folders}
+    board = gather(folders=[by_name[name] for name in pages])
+    index = out / "index.html"
+    atomic_write_text(index, _index(pages, by_name, board))
+    return index

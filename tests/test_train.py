@@ -1,0 +1,234 @@
+"""Training engine: choices by name, augmentation, determinism, exact resume, checkpoints, learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from lungs_utils import params as P
+from lungs_utils import presets
+from lungs_utils import train as T
+from lungs_utils.data import XrayDataset
+from lungs_utils.errors import LungsError
+
+TIMING = ["train_seconds", "val_seconds", "images_per_s"]
+
+
+def toy_sets(n: int = 60, size: int = 24, seed: int = 0) -> tuple[XrayDataset, XrayDataset]:
+    """Images whose class is a bright band at one of three heights: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 90, (n, size, size), dtype=np.uint8)
+    labels = np.arange(n) % 3
+    band = size // 3
+    for i, c in enumerate(labels):
+        images[i, c * band:(c + 1) * band] += 140
+    cut = int(n * 0.75)
+    ids = np.arange(n) + 1000
+    return (XrayDataset(images, ids, labels, indices=np.arange(cut)),
+            XrayDataset(images, ids, labels, indices=np.arange(cut, n)))
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Linear(128, 3))
+
+
+def quick(**kw) -> dict:
+    base = dict(epochs=4, batch_size=16, image_size=24, lr=3e-3, rotate=5.0, seed=0, device="cpu")
+    base.update(kw)
+    return P.load(overrides=base)
+
+
+def _no_timing(h: pd.DataFrame) -> pd.DataFrame:
+    return h.drop(columns=TIMING)
+
+
+# ------------------------------------------------------------------------------------------- choices
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
+def test_optimizers_and_schedules(optimizer: str, scheduler: str) -> None:
+    p = quick(optimizer=optimizer, scheduler=scheduler, warmup_epochs=0.5)
+    model = tiny_net()
+    opt = T.make_optimizer(model, p)
+    sched = T.make_scheduler(opt, p, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(np.isfinite(lrs)) and max(lrs) <= p["lr"] * 1.0001
+    if scheduler == "cosine":
+        assert lrs[2] > lrs[0] and lrs[-1] < 1e-6  # warm-up then decay to zero
+    if scheduler == "none":
+        assert lrs == [p["lr"]] * 40
+    decay = {g["weight_decay"] for g in opt.param_groups}
+    assert 0.0 in decay  # norms and biases are not decayed
+
+
+def test_sgd_is_nesterov() -> None:
+    opt = T.make_optimizer(tiny_net(), quick(optimizer="sgd"))
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+
+
+def test_loss_class_weights_and_smoothing() -> None:
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    w = T.class_weight_tensor(quick(class_weights="balanced"), labels)
+    assert torch.allclose(w, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    loss = T.make_loss(quick(class_weights=[1, 2, 3], label_smoothing=0.1), labels)
+    assert loss.label_smoothing == 0.1 and loss.weight.tolist() == [1.0, 2.0, 3.0]
+    assert T.make_loss(quick(), labels).weight is None
+
+
+def test_precision_by_device() -> None:
+    cpu = torch.device("cpu")
+    assert T.autocast_dtype(cpu, "auto") is None
+    assert T.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert T.autocast_dtype(cpu, "fp32") is None
+
+
+def test_cuda_requested_without_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(LungsError, match="no CUDA GPU"):
+        T.select_device("cuda")
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+def test_batch_augment_shapes_ranges_and_determinism() -> None:
+    p = quick(hflip=0.5, rotate=15, translate=0.1, scale=0.2, brightness=0.3, contrast=0.3, equalize=0.5,
+              sharpness=0.5, invert=0.2, crop_scale=0.5)
+    x = torch.randint(0, 256, (8, 2, 24, 24), dtype=torch.uint8)
+    x[:, 1] = (x[:, 1] > 127).to(torch.uint8) * 255
+    a = presets.train_batch(x.clone(), p, torch.Generator().manual_seed(3))
+    b = presets.train_batch(x.clone(), p, torch.Generator().manual_seed(3))
+    c = presets.train_batch(x.clone(), p, torch.Generator().manual_seed(4))
+    assert a.shape == (8, 2, 24, 24) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert set(a[:, 1].unique().tolist()) <= {0.0, 1.0}  # the mask channel stays binary
+    # Normalised image channel: inside the range that [0, 1] maps to.
+    assert a[:, 0].min() >= (0 - presets.MEAN) / presets.STD - 1e-5
+    assert a[:, 0].max() <= (1 - presets.MEAN) / presets.STD + 1e-5
+
+
+def test_augmentation_off_is_plain_preprocessing() -> None:
+    off = quick(hflip=0, rotate=0, translate=0, scale=0, brightness=0, contrast=0)
+    x = torch.randint(0, 256, (4, 1, 24, 24), dtype=torch.uint8)
+    assert torch.allclose(presets.train_batch(x.clone(), off), presets.to_input(x.clone(), 24))
+
+
+def test_full_flip_mirrors_the_image() -> None:
+    p = quick(hflip=1.0, rotate=0, translate=0, scale=0, brightness=0, contrast=0)
+    x = torch.randint(0, 256, (2, 1, 24, 24), dtype=torch.uint8)
+    flipped = presets.train_batch(x.clone(), p)
+    assert torch.allclose(flipped, presets.to_input(x.flip(-1), 24), atol=1e-5)
+
+
+def test_item_transform_matches_the_recipe() -> None:
+    t = presets.item_transform(quick(equalize=0.5, sharpness=0.5, invert=0.5, crop_scale=0.5))
+    out = t(torch.randint(0, 256, (1, 40, 40), dtype=torch.uint8))
+    assert out.shape == (1, 24, 24) and out.dtype == torch.float32
+
+
+def test_mixup_and_cutmix_give_soft_targets() -> None:
+    mixer = presets.mix(quick(mixup=0.4, cutmix=1.0))
+    x, y = torch.randn(8, 1, 24, 24), torch.arange(8) % 3
+    mixed, soft = mixer(x, y)
+    assert mixed.shape == x.shape and soft.shape == (8, 3)
+    assert torch.allclose(soft.sum(1), torch.ones(8))
+    assert presets.mix(quick()) is None
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def test_training_learns_and_writes_the_run_files(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    result = T.fit(tiny_net(), train, val, quick(epochs=6), tmp_path, progress=False)
+    assert result.best_metrics["macro_f1"] > 0.8
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5, 6]
+    for col in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_f1_covid", "lr"):
+        assert col in history
+    assert (tmp_path / "checkpoints" / "best.pt").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert result.best_metrics["confusion_matrix"] and np.sum(result.best_metrics["confusion_matrix"]) == len(val)
+
+
+def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    p = quick(mixup=0.2, equalize=0.3)
+    torch.manual_seed(0)
+    a = T.fit(tiny_net(), train, val, p, tmp_path / "a", progress=False)
+    torch.manual_seed(0)
+    b = T.fit(tiny_net(), train, val, p, tmp_path / "b", progress=False)
+    pd.testing.assert_frame_equal(_no_timing(a.history), _no_timing(b.history))
+
+
+def test_resume_after_two_of_four_epochs_equals_four_epochs(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    p = quick(mixup=0.2, cutmix=0.5, equalize=0.2, crop_scale=0.6)
+    torch.manual_seed(0)
+    straight = T.fit(tiny_net(), train, val, p, tmp_path / "straight", progress=False)
+    torch.manual_seed(0)
+    T.fit(tiny_net(), train, val, p, tmp_path / "resumed", progress=False, stop_after=2)
+    assert len(pd.read_csv(tmp_path / "resumed" / "history.csv")) == 2
+    torch.manual_seed(123)  # a different process state must not matter: everything comes from last.pt
+    resumed = T.fit(tiny_net(), train, val, {**p, "resume": True}, tmp_path / "resumed", progress=False)
+    pd.testing.assert_frame_equal(_no_timing(straight.history), _no_timing(resumed.history))
+    assert straight.best_metrics == resumed.best_metrics
+
+
+def test_early_stopping(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    result = T.fit(tiny_net(), train, val, quick(epochs=30, lr=0.0, patience=2), tmp_path, progress=False)
+    assert result.stopped_early and result.epochs_run == 3
+
+
+def test_best_weights_are_left_in_the_model(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    model = tiny_net()
+    result = T.fit(model, train, val, quick(epochs=5), tmp_path, progress=False)
+    loss, metrics = T.evaluate(model, val, quick(), torch.device("cpu"))
+    assert metrics["macro_f1"] == pytest.approx(result.best_metrics["macro_f1"])
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_with_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, val = toy_sets()
+    model = tiny_net()
+    T.fit(model, train, val, quick(epochs=2), tmp_path, progress=False)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    state = T.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert calls and all(k.get("weights_only") is True for k in calls)
+    fresh = tiny_net()
+    T.load_weights(fresh, state)
+    x = torch.randn(2, 1, 24, 24)
+    model.eval(), fresh.eval()
+    assert state["epoch"] == 2 and state["params"]["epochs"] == 2
+
+
+def test_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"definitely not a zip or pickle")
+    with pytest.raises(LungsError, match="junk.pt is not a lungs checkpoint"):
+        T.load_checkpoint(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(LungsError, match="no 'lungs-checkpoint-1' marker"):
+        T.load_checkpoint(plain)
+    with pytest.raises(LungsError, match="does not exist"):
+        T.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+    from lungs_utils import models
+
+    train, val = toy_sets()
+    T.fit(tiny_net(), train, val, quick(epochs=1, model="resnet_tiny"), tmp_path, progress=False)
+    state = T.load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    with pytest.raises(LungsError, match="weights of 'resnet_tiny' that do not fit.*set model: resnet_tiny"):
+        T.load_weights(models.build("simple_cnn"), state, "best.pt")
