@@ -25,7 +25,7 @@ from .paths import dataset_cache_dir, find_data_dir
 
 ANSWERS = "train_answers.csv"
 TRAIN_IMAGES, TEST_IMAGES, TRAIN_MASKS = "train_images", "test_images", "train_lung_masks"
-PHANTOM_MARKER = "PHANTOM.md"
+PHANTOM_MARKER = "PHANTOM.md"  # same as lungs_utils.phantom.MARKER (data must not import phantom)
 _IMAGE_NAME = re.compile(r"^img_(\d+)\.png$", re.IGNORECASE)
 
 

@@ -7,21 +7,31 @@ create, never a traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import warnings
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from . import COMPETITION
-from .errors import LungsError
+from .errors import DataWarning, LungsError
 from .paths import download_dir, is_data_dir
 
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
+SUBMISSIONS_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/submissions"
 HOW_TO_AUTH = ("create an API token at https://www.kaggle.com/settings (section API) and save it as "
                "~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or "
                "KAGGLE_API_TOKEN")
+
+
+def _config_dirs() -> list[Path]:
+    """Where the ``kaggle`` package looks for kaggle.json / access_token, in its order."""
+    home = Path(os.path.expanduser("~"))
+    dirs = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
+    return dirs + [home / ".kaggle", Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"]
 
 
 def credentials_source() -> str | None:
@@ -30,11 +40,7 @@ def credentials_source() -> str | None:
         return "KAGGLE_USERNAME/KAGGLE_KEY"
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
-    home = Path(os.path.expanduser("~"))
-    config_dirs = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
-    config_dirs += [home / ".kaggle",
-                    Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"]
-    for folder in config_dirs:
+    for folder in _config_dirs():
         for name in ("kaggle.json", "access_token", "access_token.txt"):
             if (folder / name).is_file():
                 return str(folder / name)
@@ -61,9 +67,28 @@ def api(action: str = "use the Kaggle API") -> Any:
 
 def _network_error(exc: Exception, action: str) -> LungsError:
     text = " ".join(str(exc).split())[:200] or type(exc).__name__
-    hint = f"accept the competition rules at {RULES_URL}" if "403" in text else \
-        "check the network connection and that you joined the competition"
+    if "403" in text:
+        hint = f"accept the competition rules at {RULES_URL}"
+    elif "404" in text or "Could not find" in text:
+        hint = f"check the name ({COMPETITION}, your user name) and that the competition is still open"
+    else:
+        hint = "check the network connection and that you joined the competition"
     return LungsError(f"Kaggle {action} failed ({text}); {hint}")
+
+
+def username() -> str | None:
+    """The Kaggle user name from ``KAGGLE_USERNAME`` or kaggle.json (no network, no ``kaggle`` import)."""
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"].strip() or None
+    for folder in _config_dirs():
+        path = folder / "kaggle.json"
+        try:
+            name = json.loads(path.read_text(encoding="utf-8")).get("username")
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: the next place may still have it
+        if isinstance(name, str) and name.strip():
+            return name.strip()
+    return None
 
 
 def _find_data_dir(root: Path) -> Path | None:
@@ -111,3 +136,61 @@ def download(dest: str | os.PathLike[str] | None = None, *, force: bool = False)
             shutil.rmtree(final)
         os.replace(found, final)
     return final
+
+
+def _submission_test_ids(test_dir: str | os.PathLike[str] | None) -> list[int] | None:
+    """Ids of the local test images, or None (with a warning) when no real dataset is found.
+
+    An explicit ``test_dir`` must hold test images. Discovery never settles for the phantom demo
+    data: its ids say nothing about the competition's test set.
+    """
+    from .data import TEST_IMAGES, list_images
+    from .paths import find_data_dir
+
+    if test_dir is not None:
+        folder = find_data_dir(test_dir)
+    else:
+        try:
+            folder = find_data_dir(allow_phantom=False)
+        except LungsError:
+            warnings.warn("no local competition data found, so the submission was checked for format "
+                          "only (not against the test image ids); run `lungs download` or pass the "
+                          "data folder for the full check", DataWarning, stacklevel=3)
+            return None
+    ids = list(list_images(folder / TEST_IMAGES))
+    if not ids:
+        raise LungsError(f"{folder / TEST_IMAGES} holds no img_<id>.png test images, so the submission "
+                         "cannot be checked; point the data folder at the full competition data")
+    return ids
+
+
+def submit(file: str | os.PathLike[str], message: str, *, test_dir: str | os.PathLike[str] | None = None,
+           quiet: bool = False) -> str:
+    """Validate a submission CSV against the local test set, then upload it to the competition.
+
+    Everything local (message, file format, ids against ``test_dir`` or the discovered data) is
+    checked before credentials or the network are touched, so a bad file never costs one of the
+    day's submissions. Returns one line saying what was sent and where to see the score.
+    """
+    from .predict import validate_submission  # deferred: keeps this module light to import
+
+    if not message or not message.strip():
+        raise LungsError("the submission needs a message (-m \"what changed\"); Kaggle shows it next to the score")
+    path = Path(file).expanduser()
+    table = validate_submission(path)  # format first: a broken file is reported before data discovery
+    test_ids = _submission_test_ids(test_dir)
+    if test_ids is not None:
+        table = validate_submission(path, test_ids)
+    client = api("submit to the competition")
+    try:
+        response = client.competition_submit(str(path), message.strip(), COMPETITION, quiet=quiet)
+    except Exception as exc:  # the API raises many types (HTTPError, ApiException, ValueError, ...)
+        raise _network_error(exc, "submission") from None
+    said = " ".join(str(getattr(response, "message", "") or "").split())
+    # On a failed upload the package prints the cause and returns this message instead of raising.
+    if said == getattr(client, "COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE", None):
+        raise LungsError(f"Kaggle submission failed (the upload of {path.name} did not complete); "
+                         "check the network connection and try again")
+    reply = f" ({said})" if said else ""
+    return (f"submitted {path.name} ({len(table)} rows) to {COMPETITION}{reply}; "
+            f"the score appears at {SUBMISSIONS_URL}")

@@ -17,6 +17,7 @@ from .errors import DataWarning, LungsError
 
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
+KAGGLE_TEMP = Path("/kaggle/temp")
 
 
 def project_root() -> Path:
@@ -58,14 +59,16 @@ def outputs_dir() -> Path:
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Root of the decoded-image caches: argument → env ``LUNGS_CACHE_DIR`` → Kaggle working dir → data/cache."""
+    """Root of the decoded-image caches: argument → env ``LUNGS_CACHE_DIR`` → Kaggle's scratch folder →
+    ``data/cache`` under the project root."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser().resolve()
     env = os.environ.get("LUNGS_CACHE_DIR")
     if env:
         return Path(env).expanduser().resolve()
-    if KAGGLE_WORKING.is_dir() and not os.access(project_root(), os.W_OK):
-        return KAGGLE_WORKING / "lungs_cache"
+    if KAGGLE_TEMP.is_dir():
+        # Not /kaggle/working: Kaggle keeps that folder as the notebook's output, and the cache is GBs.
+        return KAGGLE_TEMP / "lungs_cache"
     return project_root() / "data" / "cache"
 
 

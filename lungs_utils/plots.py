@@ -270,9 +270,8 @@ def per_class_bars(metrics: dict, title: str = "Per-class validation metrics") -
     fig = Figure(figsize=(6.5, 3.2))
     ax = fig.subplots()
     x = np.arange(len(table))
-    for j, (col, alpha) in enumerate((("precision", 0.45), ("recall", 0.7), ("f1", 1.0))):
-        bars = ax.bar(x + (j - 1) * 0.27, table[col], 0.27, label=col, color=PALETTE[: len(table)],
-                      alpha=alpha, edgecolor="black", linewidth=0.4)
+    for j, (col, color) in enumerate((("precision", "#9ECAE1"), ("recall", "#4292C6"), ("f1", "#08519C"))):
+        bars = ax.bar(x + (j - 1) * 0.27, table[col], 0.27, label=col, color=color)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(x, table.index)
     ax.set_ylim(0, 1.12)

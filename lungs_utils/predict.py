@@ -93,7 +93,7 @@ def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, 
     be on ``device`` (and in channels_last format if ``channels_last``, for the speed-up). With ``tta``
     the probabilities are averaged over :data:`TTA_VIEWS`. The model's train/eval modes are restored.
     """
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     device = torch.device(device)
     param = next(model.parameters(), None)
@@ -111,7 +111,7 @@ def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, 
     model.eval()
     try:
         with torch.inference_mode(), autocast:
-            for x, _, ids in tqdm(loader, desc="predict", disable=not progress, leave=False):
+            for x, _, ids in bar(loader, desc="predict", disable=not progress, leave=False):
                 # uint8 crosses the bus (4x smaller than float), then becomes the network input there.
                 x = to_input(x.to(device, non_blocking=True), image_size)
                 if channels_last:

@@ -31,7 +31,7 @@ def test_layout_matches_the_competition(small):
     out, summary = small
     data = out / "data"
     assert summary["data_dir"] == str(data)
-    assert sorted(os.listdir(out)) == ["data", "test_answers.csv"]  # no temp folders left behind
+    assert sorted(os.listdir(out)) == ["PHANTOM.md", "data", "test_answers.csv"]  # no temp folders left behind
     assert sorted(os.listdir(data)) == ["test_images", "train_answers.csv", "train_images", "train_lung_masks"]
 
     train = pd.read_csv(data / "train_answers.csv")
@@ -101,7 +101,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     phantom.generate(tmp_path, n_train=4, n_test=2, size=16, seed=1, workers=1, overwrite=True)
     assert _files(tmp_path) != before
     assert len(pd.read_csv(tmp_path / "data" / "train_answers.csv")) == 4
-    assert sorted(os.listdir(tmp_path)) == ["data", "test_answers.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["PHANTOM.md", "data", "test_answers.csv"]
 
 
 def test_never_overwrites_what_may_be_real_data(tmp_path):
@@ -224,3 +224,12 @@ def test_global_brightness_does_not_give_the_class_away():
     spread = overall.std()
     for values in means.values():
         assert abs(np.mean(values) - overall.mean()) < spread  # class means sit well inside the spread
+
+
+def test_phantom_data_is_reported_as_synthetic(tmp_path) -> None:
+    from lungs_utils import data
+
+    phantom.generate(tmp_path / "ph", n_train=6, n_test=2, size=32, seed=0)
+    assert (tmp_path / "ph" / "PHANTOM.md").is_file()
+    assert not (tmp_path / "ph" / "data" / "PHANTOM.md").exists()  # data/ keeps the competition layout
+    assert data.load(tmp_path / "ph" / "data", progress=False).synthetic

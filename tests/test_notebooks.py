@@ -1,0 +1,259 @@
+"""The notebook suite and its params files.
+
+Static checks (fast): committed notebooks carry no outputs, exactly one ``parameters`` cell of known
+keys, the kernelspec papermill needs, and only thin calls; every params file is valid.
+
+End to end (slow, one shared session): ``lungs demo`` on a tiny phantom dataset at 32 px / 1 epoch
+runs the ``params/demo`` pipeline (data, simple CNN, tiny ResNet, ensemble, leaderboard) and the
+report; ``lungs pipeline`` runs the remaining model notebooks (ResNet-18, U-Net, MobileNetV2, VGG16)
+at 32 px; every run folder must satisfy the DESIGN.md contract and no cell may have errored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from lungs_utils import models, params as params_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PARAMS = sorted((ROOT / "params").glob("*.yaml")) + sorted((ROOT / "params" / "demo").glob("*.yaml"))
+MODEL_NOTEBOOKS = {"10_simple_cnn", "11_resnet", "12_unet", "13_mobilenet", "14_vgg", "15_modern"}
+EXPECTED = {"00_data", *MODEL_NOTEBOOKS, "90_ensemble", "95_leaderboard"}
+TINY = ["-p", "image_size=32", "-p", "epochs=1", "-p", "batch_size=8"]
+
+
+def read(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(str(path), as_version=4)
+
+
+def parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, "exactly one cell tagged 'parameters'"
+    return cells[0]
+
+
+# ------------------------------------------------------------------------------------------------ static
+def test_the_suite_is_complete() -> None:
+    assert {p.stem for p in NOTEBOOKS} == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_is_clean(path: Path) -> None:
+    nb = read(path)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"] == {"name": "python3", "display_name": "Python 3", "language": "python"}
+    assert nb.metadata["language_info"]["name"] == "python"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "strip outputs before committing"
+    assert nb.cells[0].cell_type == "markdown"  # the story starts with a narrative
+    assert "papermill" not in nb.metadata  # not an executed copy
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_sets_known_valid_keys(path: Path) -> None:
+    nb = read(path)
+    cell = parameters_cell(nb)
+    namespace: dict = {}
+    exec(cell.source, namespace)  # noqa: S102 - our own committed file: plain assignments
+    values = {k: v for k, v in namespace.items() if not k.startswith("__")}
+    assert set(values) <= set(params_mod.SCHEMA), set(values) - set(params_mod.SCHEMA)
+    resolved = params_mod.resolve(values)
+    assert resolved["model"] in models.names()
+    if path.stem in MODEL_NOTEBOOKS:
+        assert resolved["image_size"] <= 128 and resolved["epochs"] <= 3  # quick CPU defaults
+        assert values["data_dir"] is None  # discovery by default
+    # papermill can parse it (it warns "Unable to parse line" otherwise and loses the defaults)
+    import papermill
+
+    assert set(papermill.inspect_notebook(str(path))) == set(values)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_thin(path: Path) -> None:
+    """Logic lives in lungs_utils (tested); notebooks hold narrative and calls."""
+    nb = read(path)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    for banned in ("def ", "class ", "lambda", "for ", "while ", "import torch"):
+        assert banned not in source, f"{banned!r} in a code cell: move it into lungs_utils"
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
+            assert len(cell.source.splitlines()) <= 10
+    assert f'from_namespace(globals(), notebook="{path.name}")' in source
+
+
+@pytest.mark.parametrize("path", PARAMS, ids=lambda p: str(p.relative_to(ROOT / "params")))
+def test_params_file_is_valid(path: Path) -> None:
+    values = params_mod.load(path)
+    assert (ROOT / "notebooks" / values["notebook"]).is_file()
+    assert values["model"] in models.names()
+    assert values["data_dir"] is None  # committed recipes discover the data
+    raw = yaml.safe_load(path.read_text())
+    assert "notebook" in raw and "run_name" in raw
+
+
+def test_params_cover_every_model_notebook_and_recipes_are_full_size() -> None:
+    full = [params_mod.load(p) for p in sorted((ROOT / "params").glob("[0-9]*.yaml"))]
+    assert {Path(v["notebook"]).stem for v in full} == EXPECTED
+    for v in full:
+        if Path(v["notebook"]).stem in MODEL_NOTEBOOKS:
+            assert v["image_size"] == 256 and 30 <= v["epochs"] <= 40 and v["batch_size"] == 64
+            assert v["tta"] and v["label_smoothing"] == 0.1 and v["scheduler"] == "cosine"
+    assert len({v["run_name"] for v in full}) == len(full)
+
+
+def test_demo_params_chain_together() -> None:
+    demo = [params_mod.load(p) for p in sorted((ROOT / "params" / "demo").glob("*.yaml"))]
+    names = [v["run_name"] for v in demo]
+    ensemble = next(v for v in demo if v["notebook"] == "90_ensemble.ipynb")
+    trained = [v["run_name"] for v in demo if Path(v["notebook"]).stem in MODEL_NOTEBOOKS]
+    assert len(trained) >= 2 and sorted(ensemble["runs"]) == sorted(trained)
+    assert names.index(ensemble["run_name"]) > max(names.index(n) for n in trained)
+    assert [Path(v["notebook"]).stem for v in demo][0] == "00_data"
+    assert all(v["device"] == "cpu" and v["image_size"] <= 128 for v in demo
+               if Path(v["notebook"]).stem in MODEL_NOTEBOOKS)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the demo and the other model notebooks once, at toy size, in an isolated project root."""
+    home = tmp_path_factory.mktemp("suite_home")
+    for sub in ("params", "notebooks"):
+        (home / sub).mkdir()  # empty: the suite's own notebooks and params are found as fallback
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LUNGS_DATA_DIR", "LUNGS_OUTPUTS", "KAGGLE_USERNAME", "KAGGLE_KEY")}
+    env.update(LUNGS_HOME=str(home), LUNGS_CACHE_DIR=str(home / "cache"), HOME=str(home),
+               LUNGS_KAGGLE_INPUT=str(home / "no-kaggle"), XDG_CONFIG_HOME=str(home / ".config"),
+               MPLBACKEND="Agg")
+
+    def lungs(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lungs_utils", *args], capture_output=True, text=True,
+                              env=env, cwd=home)
+
+    demo = lungs("demo", "--train", "36", "--test", "9", "--size", "48", *TINY)
+    extra = home / "extra"
+    extra.mkdir()
+    for name in ("11_resnet18", "12_unet", "13_mobilenet_v2", "14_vgg16"):
+        (extra / f"{name}.yaml").write_text((ROOT / "params" / f"{name}.yaml").read_text())
+    pipeline = lungs("pipeline", str(extra), *TINY, "-p", "device=cpu")
+    return {"home": home, "outputs": home / "outputs", "env": env, "demo": demo, "pipeline": pipeline,
+            "data_dir": home / "data" / "phantom" / "data"}
+
+
+CONTRACT = ("params.yaml", "run.json", "history.csv", "metrics.json", "val_predictions.csv",
+            "test_predictions.csv", "submission.csv", "split.csv", "checkpoints/best.pt", "checkpoints/last.pt",
+            "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/per_class.png",
+            "plots/confident_mistakes.png", "plots/gradcam.png")
+
+
+def assert_no_cell_errored(notebook: Path) -> None:
+    nb = read(notebook)
+    assert nb.metadata["papermill"]["exception"] in (None, False)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            assert output.output_type != "error", f"{notebook}: {output.get('ename')}: {output.get('evalue')}"
+    images = sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    assert images >= 1  # pictures made it into the executed notebook
+
+
+def assert_model_run(folder: Path, notebook: str, model: str) -> None:
+    for name in CONTRACT:
+        assert (folder / name).is_file(), f"{folder.name}: {name} missing"
+    assert_no_cell_errored(folder / notebook)
+    info = json.loads((folder / "run.json").read_text())
+    assert info["status"] == "ok" and info["executed_notebook"] == str(folder / notebook)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["model"] == model and 0 <= metrics["val_macro_f1"] <= 1
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    assert params["image_size"] == 32 and params["epochs"] == 1 and params["model"] == model
+    submission = pd.read_csv(folder / "submission.csv")
+    assert list(submission.columns) == ["id", "target_feature"] and len(submission) == 9
+    assert len(pd.read_csv(folder / "history.csv")) == 1
+
+
+@pytest.mark.slow
+def test_demo_runs_the_demo_pipeline_and_reports(suite: dict) -> None:
+    demo = suite["demo"]
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = suite["outputs"]
+    assert "generated phantom dataset" in demo.stdout
+    assert_model_run(out / "demo_simple_cnn", "10_simple_cnn.ipynb", "simple_cnn")
+    assert_model_run(out / "demo_resnet_tiny", "15_modern.ipynb", "resnet_tiny")
+    data_run = out / "demo_data"
+    assert_no_cell_errored(data_run / "00_data.ipynb")
+    for picture in ("class_balance", "samples", "mask_overlays", "intensity_histograms", "split_balance"):
+        assert (data_run / "plots" / f"{picture}.png").is_file()
+    ens = out / "demo_ensemble"
+    assert_no_cell_errored(ens / "90_ensemble.ipynb")
+    for name in ("submission.csv", "val_predictions.csv", "test_predictions.csv", "metrics.json",
+                 "ensemble.json", "params.yaml", "run.json", "plots/members_vs_ensemble.png"):
+        assert (ens / name).is_file(), name
+    weights = json.loads((ens / "ensemble.json").read_text())["weights"]
+    assert set(weights) == {"demo_simple_cnn", "demo_resnet_tiny"}
+    assert_no_cell_errored(out / "demo_leaderboard" / "95_leaderboard.ipynb")
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert {"demo_simple_cnn", "demo_resnet_tiny", "demo_ensemble"} <= set(board["run"])
+    index = out / "report" / "index.html"
+    assert f"report: {index}" in demo.stdout and "demo_resnet_tiny" in demo.stdout
+    for name in ("demo_data", "demo_simple_cnn", "demo_resnet_tiny", "demo_ensemble", "demo_leaderboard"):
+        assert (out / "report" / f"{name}.html").stat().st_size > 10_000
+        assert f'href="{name}.html"' in index.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name,notebook,model", [
+    ("resnet18", "11_resnet.ipynb", "resnet18"), ("unet", "12_unet.ipynb", "unet"),
+    ("mobilenet_v2", "13_mobilenet.ipynb", "mobilenet_v2"), ("vgg16", "14_vgg.ipynb", "vgg16")])
+def test_pipeline_runs_the_other_model_notebooks(suite: dict, run_name: str, notebook: str, model: str) -> None:
+    result = suite["pipeline"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run_name in result.stdout  # the summary table
+    assert_model_run(suite["outputs"] / run_name, notebook, model)
+
+
+@pytest.mark.slow
+def test_resume_continues_training_from_last_checkpoint(suite: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungs_utils import runner
+
+    for key, value in suite["env"].items():
+        monkeypatch.setenv(key, value)
+    folder = suite["outputs"] / "demo_simple_cnn"
+    assert (folder / "checkpoints" / "last.pt").is_file()
+    record = runner.run(ROOT / "params" / "demo" / "10_simple_cnn.yaml",
+                        ["image_size=32", "epochs=2", "batch_size=8"], on_exists="resume")
+    assert record.ok and record.run_dir == folder
+    history = pd.read_csv(folder / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]  # epoch 1 came from the checkpoint, epoch 2 is new
+    executed = (folder / "10_simple_cnn.ipynb").read_text()
+    assert "resuming from" in executed
+
+
+@pytest.mark.slow
+def test_plain_papermill_with_a_params_file(suite: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`papermill notebooks/10_simple_cnn.ipynb out.ipynb -f params/10_simple_cnn.yaml` (Python API)."""
+    import papermill
+
+    for key, value in suite["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(ROOT)
+    parameters = yaml.safe_load((ROOT / "params" / "10_simple_cnn.yaml").read_text())
+    parameters.update(run_name="plain", data_dir=str(suite["data_dir"]), image_size=32, epochs=1,
+                      batch_size=8, tta=False)
+    out = tmp_path / "out.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "10_simple_cnn.ipynb"), str(out),
+                               parameters=parameters, kernel_name="python3", progress_bar=False)
+    assert_no_cell_errored(out)
+    folder = suite["outputs"] / "plain"
+    assert (folder / "submission.csv").is_file() and (folder / "plots" / "gradcam.png").is_file()
+    assert yaml.safe_load((folder / "params.yaml").read_text())["lr"] == parameters["lr"]

@@ -1,0 +1,216 @@
+"""The papermill runner (lungs_utils.runner) and its CLI: run folders, existing folders (error / suffix /
+resume), the lock, failures, pipelines and parameter validation.
+
+A stub notebook (no torch in its kernel) keeps these fast; the real notebooks run in test_notebooks.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from lungs_utils import LungsError, runner
+from lungs_utils.cli import main
+from lungs_utils.paths import outputs_dir
+
+STUB_SOURCE = """
+import json, time
+from lungs_utils.paths import outputs_dir
+if seed == 13:
+    raise ValueError("boom on purpose")
+if seed == 7:
+    time.sleep(3)
+(outputs_dir() / run_name / "metrics.json").write_text(json.dumps({"val_macro_f1": 0.5, "resume": resume}))
+"""
+
+
+@pytest.fixture
+def stub(isolated_env: Path) -> Path:
+    """``notebooks/stub.ipynb`` in the isolated project root and a params file that runs it."""
+    nb = nbformat.v4.new_notebook()
+    params_cell = nbformat.v4.new_code_cell('run_name = "stub"\nseed = 0')
+    params_cell.metadata["tags"] = ["parameters"]
+    nb.cells = [params_cell, nbformat.v4.new_code_cell(STUB_SOURCE.strip())]
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    nbformat.write(nb, str(isolated_env / "notebooks" / "stub.ipynb"))
+    return write_params(isolated_env / "params" / "stub.yaml")
+
+
+def write_params(path: Path, **values: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"notebook": "stub.ipynb", "run_name": "stub", **values}))
+    return path
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ fast
+def test_param_errors_through_the_cli_are_one_line_exit_2(stub: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    assert main(["run", str(stub), "-p", "epochz=3"]) == 2
+    err = one_line_error(capsys)
+    assert "unknown key 'epochz'" in err and "did you mean 'epochs'" in err
+    assert main(["run", str(stub), "-p", "epochs=many"]) == 2
+    assert "'epochs' must be integer" in one_line_error(capsys)
+    assert main(["run", str(stub), "-p", "epochs"]) == 2
+    assert "expected key=value" in one_line_error(capsys)
+    assert main(["pipeline", str(stub), "-p", "=3"]) == 2  # checked before any run starts
+    assert "expected key=value" in one_line_error(capsys)
+    bad = write_params(stub.parent / "bad.yaml", learning_rate=0.1)
+    assert main(["run", str(bad)]) == 2
+    assert "unknown key 'learning_rate'" in one_line_error(capsys)
+    wrong = write_params(stub.parent / "wrong.yaml", image_size="big")
+    assert main(["run", str(wrong)]) == 2
+    assert "'image_size' must be integer" in one_line_error(capsys)
+    assert not (outputs_dir() / "stub").exists()  # nothing was started
+
+
+def test_missing_notebook_model_or_file(stub: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(write_params(stub.parent / "nb.yaml", notebook="nope.ipynb"))]) == 2
+    assert "'nope.ipynb' not found" in one_line_error(capsys)
+    assert main(["run", str(stub), "-p", "model=resnet9000"]) == 2
+    assert "unknown model 'resnet9000'" in one_line_error(capsys)
+    assert main(["run", "no/such/file.yaml"]) == 2
+    assert "params file not found" in one_line_error(capsys)
+    assert main(["pipeline", "no/such/dir"]) == 2
+    assert "not found" in one_line_error(capsys)
+
+
+def test_cli_error_in_a_subprocess(stub: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "lungs_utils", "run", str(stub), "-p", "nope=1"],
+                         capture_output=True, text=True, env=os.environ.copy())
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown key 'nope'" in out.stderr
+
+
+def test_expand_sorts_folders_and_keeps_file_order(tmp_path: Path) -> None:
+    for name in ("b.yaml", "a.yaml", "c.txt"):
+        (tmp_path / name).write_text("run_name: x\n")
+    assert runner.expand([tmp_path / "b.yaml", tmp_path]) == [tmp_path / "b.yaml", tmp_path / "a.yaml",
+                                                                   tmp_path / "b.yaml"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LungsError, match="no \\*.yaml"):
+        runner.expand([tmp_path / "empty"])
+
+
+def test_live_lock_refuses_and_stale_lock_is_replaced(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text(json.dumps({"pid": os.getpid()}))
+    with pytest.raises(LungsError, match=f"already running \\(pid {os.getpid()}"):
+        runner.acquire_lock(folder, "run")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / ".lock").write_text(json.dumps({"pid": dead.pid}))
+    lock = runner.acquire_lock(folder, "run")
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+# ------------------------------------------------------------------------------------------------ papermill
+@pytest.mark.slow
+def test_run_writes_executed_notebook_params_and_run_json(stub: Path) -> None:
+    record = runner.run(stub, ["seed=1"])
+    folder = outputs_dir() / "stub"
+    assert record.ok and record.run_dir == folder and record.val_macro_f1 == 0.5
+    assert record.notebook == folder / "stub.ipynb"
+    executed = nbformat.read(str(record.notebook), as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    assert params["seed"] == 1 and params["run_name"] == "stub" and "label_smoothing" in params
+    info = json.loads((folder / "run.json").read_text())
+    assert info["status"] == "ok" and info["error"] is None and info["wall_seconds"] > 0
+    assert info["overrides"] == ["seed=1"] and info["params_file"] == str(stub)
+    assert set(info["versions"]) == {"torch", "torchvision", "numpy", "pandas", "papermill", "lungs"}
+    for key in ("git_commit", "python", "platform", "device", "started", "finished"):
+        assert key in info
+    assert info["device"].startswith(("cpu", "cuda"))
+    assert not (folder / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_existing_folder_error_suffix_and_resume(stub: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runner.run(stub)
+    with pytest.raises(LungsError) as info:
+        runner.run(stub)
+    message = str(info.value)
+    assert "already exists" in message and "-p resume=true" in message and "--suffix" in message
+    assert main(["run", str(stub)]) == 2
+    one_line_error(capsys)
+    assert runner.run(stub, on_exists="suffix").name == "stub-2"
+    assert main(["run", str(stub), "--suffix"]) == 0
+    assert "stub-3" in capsys.readouterr().out
+    record = runner.run(stub, on_exists="resume")
+    assert record.name == "stub" and record.ok
+    assert yaml.safe_load((outputs_dir() / "stub" / "params.yaml").read_text())["resume"] is True
+    assert json.loads((outputs_dir() / "stub" / "run.json").read_text())["resumed"] is True
+    assert json.loads((outputs_dir() / "stub" / "metrics.json").read_text())["resume"] is True  # kernel saw it
+    assert runner.run(stub, ["resume=true"]).name == "stub"  # -p resume=true means the same
+
+
+@pytest.mark.slow
+def test_notebook_failure_is_one_line_naming_the_notebook(stub: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    with pytest.raises(LungsError) as info:
+        runner.run(stub, ["seed=13"])
+    message = str(info.value)
+    executed = outputs_dir() / "stub" / "stub.ipynb"
+    assert "ValueError: boom on purpose" in message and str(executed) in message and "cell [" in message
+    assert "\n" not in message
+    run_info = json.loads((outputs_dir() / "stub" / "run.json").read_text())
+    assert run_info["status"] == "failed" and "boom on purpose" in run_info["error"]
+    assert not (outputs_dir() / "stub" / ".lock").exists()
+    assert main(["run", str(stub), "-p", "seed=13", "--resume"]) == 2
+    assert "boom on purpose" in one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_concurrent_run_with_the_same_name_is_refused(stub: Path, capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    first = subprocess.Popen([sys.executable, "-m", "lungs_utils", "run", str(stub), "-p", "seed=7"],
+                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = outputs_dir() / "stub" / ".lock"
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    assert lock.exists(), first.communicate()
+    assert main(["run", str(stub), "--resume"]) == 2
+    assert "already running" in one_line_error(capsys)
+    assert main(["run", str(stub), "--suffix"]) == 2  # a live run is never "existing"
+    assert "already running" in one_line_error(capsys)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_pipeline_reports_a_failure_and_runs_the_rest(stub: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "batch"
+    write_params(folder / "1_a.yaml", run_name="a")
+    write_params(folder / "2_b.yaml", run_name="b", seed=13)
+    write_params(folder / "3_c.yaml", run_name="c", bogus=1)
+    write_params(folder / "4_d.yaml", run_name="d")
+    records = runner.pipeline([folder], ["epochs=1"], echo=False)
+    assert [(r.name, r.status) for r in records] == [("a", "ok"), ("b", "failed"), ("3_c", "failed"),
+                                                     ("d", "ok")]
+    assert str(outputs_dir() / "b" / "stub.ipynb") in records[1].error
+    assert "unknown key 'bogus'" in records[2].error and records[2].notebook is None
+    table = runner.summary_table(records)
+    assert table["status"].tolist() == ["ok", "failed", "failed", "ok"]
+    assert yaml.safe_load((outputs_dir() / "d" / "params.yaml").read_text())["epochs"] == 1
+    assert main(["pipeline", str(folder / "1_a.yaml"), str(folder / "2_b.yaml"), "--resume"]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 2 runs failed: b" in captured.err and "boom on purpose" in captured.err
+    assert "ok" in captured.out and "failed" in captured.out
