@@ -59,6 +59,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .distributed import main as train_main
+
+    return train_main(str(args.params), args.param)
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from .runner import format_summary, pipeline
 
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", type=Path, help="params file, e.g. params/10_simple_cnn.yaml")
     _add_run_options(p)
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("train", help="train from a params file without papermill (torchrun-friendly)")
+    p.add_argument("params", type=Path, help="params file, e.g. params/10_simple_cnn.yaml")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter (YAML value); repeatable")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("pipeline", help="several runs in order (folders: their *.yaml, sorted)")
     p.add_argument("paths", nargs="+", type=Path, metavar="DIR_OR_FILE", help="params files or folders")

@@ -130,13 +130,21 @@ def varying_params(table: pd.DataFrame) -> list[str]:
 def compact(table: pd.DataFrame) -> pd.DataFrame:
     """The display table: core columns, plus only the params that differ across runs (unprefixed)."""
     shown = table[list(CORE_COLUMNS) + varying_params(table)].copy()
-    shown.columns = [c.removeprefix("param.") for c in shown.columns]
+    # A param named like a core column (epochs: planned vs run) keeps its prefix.
+    shown.columns = [c if c.removeprefix("param.") in CORE_COLUMNS else c.removeprefix("param.")
+                     for c in shown.columns]
     for col in ("val_macro_f1", "val_accuracy"):
         shown[col] = pd.to_numeric(shown[col], errors="coerce").round(4)
     for col in ("train_minutes", "wall_minutes", "images_per_s"):
         shown[col] = pd.to_numeric(shown[col], errors="coerce").round(2)
     for col in ("epochs", "best_epoch"):
         shown[col] = pd.to_numeric(shown[col], errors="coerce").round().astype("Int64")
+    for col in shown.columns[len(CORE_COLUMNS):]:
+        # Ensemble rows leave training params empty, which turns integer columns into floats.
+        values = shown[col].dropna()
+        if len(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+                               for v in values):
+            shown[col] = shown[col].astype("Int64")
     return shown
 
 
@@ -155,7 +163,12 @@ def format_table(table: pd.DataFrame, max_rows: int = 40) -> str:
         return "(no finished runs in outputs/ yet: `lungs run params/<file>.yaml` or `lungs demo`)"
     columns = ["run", "model", "val_macro_f1", "val_accuracy", "epochs", "train_minutes", "images_per_s",
                "status"] + [c for c in shown.columns if c not in CORE_COLUMNS]
-    return shown[columns].head(max_rows).to_string(index=False, na_rep="-")
+    shown = shown[columns].head(max_rows)
+    text = shown.astype(object).where(shown.notna(), "-")
+    for col, fmt in (("val_macro_f1", "{:.4f}"), ("val_accuracy", "{:.4f}"), ("train_minutes", "{:.2f}"),
+                     ("images_per_s", "{:.1f}")):
+        text[col] = [fmt.format(v) if v != "-" else v for v in text[col]]
+    return text.to_string(index=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,6 +81,15 @@ def ensemble_table(result: Any) -> pd.DataFrame:
     return frame.round(4)
 
 
+def ensemble_metrics(result: Any) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class metrics and confusion matrix of an ensemble's validation predictions."""
+    from .metrics import classification_metrics
+
+    frame = result.val_frame
+    # Copies: pandas hands out read-only views, which torch.as_tensor warns about.
+    return classification_metrics(np.array(frame["true"]), np.array(frame["predicted"]))
+
+
 # ------------------------------------------------------------------------------------------------
 # HTML report
 # ------------------------------------------------------------------------------------------------

@@ -136,3 +136,31 @@ def test_report_errors() -> None:
     with pytest.raises(LungsError, match="no executed notebooks"):
         report.render()
     assert main(["report", "missing_folder"]) == 2
+
+
+def test_ensemble_cli_writes_a_run_folder(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(runs / "a_cnn"), str(runs / "b_resnet"), "--out", str(out),
+                 "--method", "mean"]) == 0
+    printed = capsys.readouterr().out
+    assert "ensemble (mean) val macro-F1" in printed and "a_cnn" in printed
+    for name in ("submission.csv", "val_predictions.csv", "test_predictions.csv", "metrics.json", "ensemble.json"):
+        assert (out / name).is_file()
+    assert main(["ensemble", str(runs / "a_cnn"), str(runs / "c_ens"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_ensemble_tables_for_the_notebook(runs: Path) -> None:
+    import warnings
+
+    from lungs_utils.ensemble import ensemble_runs
+
+    result = ensemble_runs([runs / "a_cnn", runs / "b_resnet"], method="mean")
+    table = report.ensemble_table(result)
+    assert list(table.index) == ["a_cnn", "b_resnet", "ensemble (mean)"]
+    assert table.loc["a_cnn", "weight"] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no read-only-array warning from torch
+        scores = report.ensemble_metrics(result)
+    assert scores["confusion_matrix"][0][0] == 3 and scores["accuracy"] == 1.0

@@ -214,3 +214,14 @@ def test_pipeline_reports_a_failure_and_runs_the_rest(stub: Path, tmp_path: Path
     captured = capsys.readouterr()
     assert "1 of 2 runs failed: b" in captured.err and "boom on purpose" in captured.err
     assert "ok" in captured.out and "failed" in captured.out
+
+
+def test_demo_fresh_removes_only_the_demo_runs() -> None:
+    from lungs_utils import demo
+
+    files = demo.demo_params()
+    assert [p.stem for p in files][0] == "00_data" and len(files) >= 4
+    for name in ("demo_simple_cnn", "mine"):
+        (outputs_dir() / name).mkdir(parents=True)
+    demo._remove_demo_runs(files)
+    assert not (outputs_dir() / "demo_simple_cnn").exists() and (outputs_dir() / "mine").is_dir()
