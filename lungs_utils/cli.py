@@ -108,6 +108,32 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from .kaggle import submit
+
+    print(submit(args.file, args.message, test_dir=args.data))
+    return 0
+
+
+def _kaggle_kernel(args: argparse.Namespace) -> int:
+    from .bundle import kernel_bundle, push_kernel
+
+    out = kernel_bundle(args.params, args.out, overrides=args.param, user=args.user, slug=args.slug,
+                        title=args.title, gpu=not args.no_gpu, internet=args.internet, private=not args.public)
+    print(f"Kaggle notebook folder: {out}")
+    if args.push:
+        print(push_kernel(out))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .predict import score_submission
+
+    m = score_submission(args.file, args.answers)
+    print(f"macro-F1 {m['macro_f1']:.4f}  accuracy {m['accuracy']:.4f}  ({sum(map(sum, m['confusion_matrix']))} rows)")
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter (YAML value), e.g. -p epochs=5 -p data_dir=null; repeatable")
@@ -164,6 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("weighted", "mean", "vote"), default="weighted",
                    help="weighted (Caruana selection, default), mean or vote")
     p.set_defaults(func=_ensemble)
+
+    p = sub.add_parser("submit", help="validate a submission, then upload it with the Kaggle API")
+    p.add_argument("file", type=Path, help="submission.csv (id,target_feature)")
+    p.add_argument("-m", "--message", required=True, help="submission description")
+    p.add_argument("--data", type=Path, default=None, help="data folder whose test_images/ the file must cover")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("kaggle-kernel", help="turn a notebook + params into a self-contained Kaggle notebook")
+    p.add_argument("params", type=Path, help="params file, e.g. params/11_resnet18.yaml")
+    p.add_argument("--out", type=Path, required=True, help="folder for the notebook and kernel-metadata.json")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    p.add_argument("--user", default=None, help="Kaggle user name (default: from credentials)")
+    p.add_argument("--slug", default=None, help="kernel slug (default lungs-<run_name>)")
+    p.add_argument("--title", default=None, help="kernel title (must slugify to the slug)")
+    p.add_argument("--no-gpu", action="store_true", help="run on Kaggle's CPU")
+    p.add_argument("--internet", action="store_true", help="enable internet on Kaggle")
+    p.add_argument("--public", action="store_true", help="make the notebook public")
+    p.add_argument("--push", action="store_true", help="upload and run it on Kaggle (needs credentials)")
+    p.set_defaults(func=_kaggle_kernel)
+
+    p = sub.add_parser("score", help="score a submission against a truth file (e.g. the phantom's test_answers.csv)")
+    p.add_argument("file", type=Path, help="submission.csv")
+    p.add_argument("--answers", type=Path, required=True, help="id,target_feature truth file")
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("phantom", help="write a synthetic dataset in the competition layout")
     p.add_argument("out", type=Path, help="output folder (the images go to OUT/data/)")

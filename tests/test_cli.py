@@ -20,7 +20,7 @@ def lungs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[st
 def test_help_lists_the_commands() -> None:
     out = lungs("--help")
     assert out.returncode == 0
-    for command in ("demo", "phantom", "download"):
+    for command in ("demo", "phantom", "download", "run", "pipeline", "train"):
         assert command in out.stdout
 
 
@@ -48,15 +48,15 @@ def test_download_without_credentials(capsys: pytest.CaptureFixture[str]) -> Non
     assert "no Kaggle credentials" in err and "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_demo_generates_phantom_data_and_its_summary(isolated_env: Path) -> None:
-    out = lungs("demo", "--train", "30", "--test", "6", "--size", "64", cwd=isolated_env)
-    assert out.returncode == 0, out.stderr
-    summary = isolated_env / "outputs" / "phantom_summary"
-    assert (summary / "samples.png").stat().st_size > 1000
-    assert (summary / "class_balance.png").is_file()
-    assert "normal" in out.stdout and str(summary / "samples.png") in out.stdout
-    assert (isolated_env / "data" / "phantom" / "data" / "train_images").is_dir()
-    # A second run reuses the data and the cache.
-    again = lungs("demo", "--train", "30", "--test", "6", "--size", "64", cwd=isolated_env)
-    assert again.returncode == 0 and "generated phantom" not in again.stdout
+def test_score_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "truth.csv").write_text("id,target_feature\n1,0\n2,1\n3,2\n4,2\n")
+    (tmp_path / "sub.csv").write_text("id,target_feature\n1,0\n2,1\n3,2\n4,1\n")
+    assert main(["score", str(tmp_path / "sub.csv"), "--answers", str(tmp_path / "truth.csv")]) == 0
+    assert "accuracy 0.7500" in capsys.readouterr().out
+
+
+def test_submit_without_credentials_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sub.csv").write_text("id,target_feature\n1,0\n2,1\n")
+    assert main(["submit", str(tmp_path / "sub.csv"), "-m", "first try"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and "no Kaggle credentials" in err
