@@ -64,8 +64,9 @@ def classification_metrics(y_true: np.ndarray | torch.Tensor, y_pred: np.ndarray
                            num_classes: int = NUM_CLASSES) -> dict[str, Any]:
     """Metrics for hard labels over a whole set (see :func:`from_confusion`)."""
     acc = ConfusionMatrix(num_classes)
-    acc.update(torch.as_tensor(np.asarray(y_true), dtype=torch.int64),
-               torch.as_tensor(np.asarray(y_pred), dtype=torch.int64))
+    # np.array copies: pandas hands out read-only arrays, which torch warns about.
+    acc.update(torch.as_tensor(np.array(y_true), dtype=torch.int64),
+               torch.as_tensor(np.array(y_pred), dtype=torch.int64))
     return from_confusion(acc.matrix())
 
 

@@ -16,6 +16,9 @@ def bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     if mode == "plain":
         from tqdm import tqdm
 
+        if kwargs.get("leave") is False:
+            # Nested bars redraw with cursor-up codes, which a notebook log shows as garbage.
+            kwargs["disable"] = True
         kwargs.setdefault("mininterval", 10.0)
         kwargs.setdefault("ascii", True)
     else:

@@ -82,3 +82,12 @@ def test_dump_round_trip(tmp_path: Path) -> None:
     p = P.load(overrides={"epochs": 5, "class_weights": "balanced"})
     P.dump(p, tmp_path / "params.yaml")
     assert P.load(tmp_path / "params.yaml") == p
+
+
+def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
+    import os
+
+    P.dump(P.defaults(), tmp_path / "params.yaml")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "params.yaml").stat().st_mode & 0o777 == 0o666 & ~umask
