@@ -19,9 +19,8 @@ from common import baseline_loader, machine, parser, phantom_data, table
 from lungs_utils import data as D
 from lungs_utils import models
 from lungs_utils import params as P
-from lungs_utils import presets
 from lungs_utils.metrics import ConfusionMatrix
-from lungs_utils.train import autocast_dtype, make_loss, make_optimizer
+from lungs_utils.train import autocast_dtype, make_loss, make_optimizer, train_step
 
 # vgg19 at 256 px is minutes per step batch on a 2-core CPU: measured at 128 px there.
 CPU_SIZE = {"vgg19": 128, "vgg16": 128, "vgg_cnn": 128}
@@ -56,14 +55,15 @@ def model_only(name: str, size: int, params: dict, device: torch.device, steps: 
 
 
 def ours(name: str, size: int, params: dict, device: torch.device, dataset: D.XrayDataset, steps: int) -> float:
-    """What ``train.fit`` does per step: cached uint8 batch → device → batched augmentation → step,
-    with loss and confusion matrix accumulated on the device (no per-batch sync)."""
+    """What ``train.fit`` does per step (the same ``train.train_step``): cached uint8 batch → device →
+    batched augmentation → step, with loss and confusion matrix accumulated on the device (no per-batch sync)."""
     model = models.build(name).to(device, memory_format=torch.channels_last if params["channels_last"]
                                   else torch.preserve_format)
     opt = make_optimizer(model, params)
     loss_fn = make_loss(params, np.zeros(0, np.int64)).to(device)
     dtype = autocast_dtype(device, params["precision"])
     gen = torch.Generator().manual_seed(0)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loader = torch.utils.data.DataLoader(dataset, batch_size=params["batch_size"], shuffle=True,
                                          pin_memory=device.type == "cuda", drop_last=True)
     cm, loss_sum = ConfusionMatrix(device=device), torch.zeros((), device=device, dtype=torch.float64)
@@ -73,16 +73,9 @@ def ours(name: str, size: int, params: dict, device: torch.device, dataset: D.Xr
         done = 0
         while done < n_steps:
             for x, y, _ in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                x = presets.train_batch(x, params, gen)
-                if params["channels_last"]:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model(x)
-                    loss = loss_fn(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                y = y.to(device, non_blocking=True)
+                loss, logits = train_step(model, x, y, params, loss_fn=loss_fn, optimizer=opt, scaler=scaler,
+                                          generator=gen, dtype=dtype)
                 loss_sum += loss.detach().double() * y.shape[0]
                 cm.update(y, logits.detach().argmax(1))
                 done += 1

@@ -251,6 +251,36 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, params: Mappin
     return (float(loss_sum) / max(n, 1)), from_confusion(cm.matrix())
 
 
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Mapping[str, Any], *,
+               loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, mixer: Any = None,
+               generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a uint8 batch ``x`` (any device) with labels ``y`` (on the model's device):
+    move, augment, mix, forward under autocast, backward, clip, step. Returns (loss, logits); the caller
+    accumulates what it needs on the device (no sync)."""
+    device = y.device
+    x = presets.train_batch(x.to(device, non_blocking=True), params, generator)
+    target: torch.Tensor = y
+    if mixer is not None:
+        x, target = mixer(x, y)
+    if params["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = net(x)
+        loss = loss_fn(logits.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if params["grad_clip"]:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(net.parameters(), params["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    return loss, logits
+
+
 def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset,
         params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None = None, *,
         progress: bool = True, stop_after: int | None = None) -> TrainResult:
@@ -328,24 +358,10 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         cm = ConfusionMatrix(device=device)
         n_seen = 0
         for x, y, _ in bar(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or rank != 0):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = presets.train_batch(x, params, generators["augment"])
-            target: torch.Tensor = y
-            if mixer is not None:
-                x, target = mixer(x, y)
-            if params["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = net(x)
-                loss = loss_fn(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if params["grad_clip"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(net.parameters(), params["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            y = y.to(device, non_blocking=True)
+            loss, logits = train_step(net, x, y, params, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
+                                      scheduler=scheduler, mixer=mixer, generator=generators["augment"],
+                                      dtype=dtype)
             # Device-side bookkeeping only: no .item() (a sync) per batch.
             loss_sum += loss.detach().double() * y.shape[0]
             cm.update(y, logits.detach().argmax(dim=1))
