@@ -74,8 +74,8 @@ def ours(name: str, size: int, params: dict, device: torch.device, dataset: D.Xr
         while done < n_steps:
             for x, y, _ in loader:
                 y = y.to(device, non_blocking=True)
-                loss, logits = train_step(model, x, y, params, loss_fn=loss_fn, optimizer=opt, scaler=scaler,
-                                          generator=gen, dtype=dtype)
+                loss, logits, _ = train_step(model, x, y, params, loss_fn=loss_fn, optimizer=opt, scaler=scaler,
+                                             generator=gen, dtype=dtype)
                 loss_sum += loss.detach().double() * y.shape[0]
                 cm.update(y, logits.detach().argmax(1))
                 done += 1

@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .distributed import main as train_main
 
-    return train_main(str(args.params), args.param)
+    return train_main(str(args.params), args.param, _on_exists(args))
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -168,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a params file without papermill (torchrun-friendly)")
     p.add_argument("params", type=Path, help="params file, e.g. params/10_simple_cnn.yaml")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a parameter (YAML value); repeatable")
+    _add_run_options(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("pipeline", help="several runs in order (folders: their *.yaml, sorted)")

@@ -41,7 +41,11 @@ def list_images(folder: Path) -> dict[int, Path]:
         for entry in entries:
             m = _IMAGE_NAME.match(entry.name)
             if m and entry.is_file():
-                found[int(m.group(1))] = Path(entry.path)
+                image_id = int(m.group(1))
+                if image_id in found:  # img_17.png and img_017.png: which one is meant?
+                    raise LungsError(f"{folder}: {found[image_id].name} and {entry.name} both have id "
+                                     f"{image_id}; keep one of them")
+                found[image_id] = Path(entry.path)
     return dict(sorted(found.items()))
 
 
@@ -297,18 +301,25 @@ class XrayDataset(torch.utils.data.Dataset):
         return list(zip(x.unbind(0), labels, self.all_ids[rows].tolist()))
 
 
-def datasets(data: LungsData, split: pd.DataFrame, *, use_masks: bool = False
+def datasets(data: LungsData, split: pd.DataFrame, *, use_masks: bool = False,
+             val_masks: np.ndarray | None = None, test_masks: np.ndarray | None = None
              ) -> tuple[XrayDataset, XrayDataset, XrayDataset]:
-    """Train, validation and test datasets for a split (masks as a second channel if asked)."""
+    """Train, validation and test datasets for a split (lung masks as a second channel if asked).
+
+    With ``use_masks`` the train part carries the given masks; the validation part carries
+    ``val_masks`` (aligned with ``data.train``, e.g. out-of-fold predictions) or else the given ones,
+    and the test part carries ``test_masks`` (aligned with ``data.test``) when given.
+    """
     if use_masks and data.masks is None:
         raise LungsError(f"{data.data_dir / TRAIN_MASKS} is missing or incomplete: lung masks are needed "
                          "for this setting; use masks: none or add the masks")
     position = pd.Series(np.arange(len(data.labels)), index=data.labels["id"].to_numpy())
     labels = data.labels["target_feature"].to_numpy()
-    masks = data.masks.images if use_masks and data.masks is not None else None
+    given = data.masks.images if use_masks and data.masks is not None else None
     part = {name: position.loc[split.loc[split["split"] == name, "id"].to_numpy()].to_numpy()
             for name in ("train", "val")}
-    train = XrayDataset(data.train.images, data.train.ids, labels, masks, part["train"])
-    val = XrayDataset(data.train.images, data.train.ids, labels, masks, part["val"])
-    test = XrayDataset(data.test.images, data.test.ids)
+    train = XrayDataset(data.train.images, data.train.ids, labels, given, part["train"])
+    val = XrayDataset(data.train.images, data.train.ids, labels,
+                      val_masks if use_masks and val_masks is not None else given, part["val"])
+    test = XrayDataset(data.test.images, data.test.ids, masks=test_masks if use_masks else None)
     return train, val, test

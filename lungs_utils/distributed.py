@@ -47,11 +47,21 @@ def train_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def main(params_path: str, overrides: Iterable[str] = ()) -> int:
-    """``lungs train PARAMS.yaml [-p k=v ...]``: train without papermill (torchrun-friendly)."""
-    from .params import load
+def main(params_path: str, overrides: Iterable[str] = (), on_exists: str = "error") -> int:
+    """``lungs train PARAMS.yaml [-p k=v ...]``: train without papermill (torchrun-friendly).
 
-    metrics = train_from_params(load(params_path, list(overrides)))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"val macro-F1 {metrics['val_macro_f1']:.4f}  accuracy {metrics['val_accuracy']:.4f}")
+    Rank 0 claims the run folder like ``lungs run`` does (an existing folder is refused unless
+    resumed or suffixed; a lock keeps a second run of the same name out); under torchrun a failing
+    rank 0 takes the other ranks down with it.
+    """
+    from .params import load
+    from .runner import claimed
+
+    values = load(params_path, list(overrides))
+    if int(os.environ.get("RANK", "0")) != 0:
+        train_from_params(values)
+        return 0
+    with claimed(values, on_exists):
+        metrics = train_from_params(values)
+    print(f"val macro-F1 {metrics['val_macro_f1']:.4f}  accuracy {metrics['val_accuracy']:.4f}")
     return 0

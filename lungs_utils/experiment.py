@@ -21,10 +21,11 @@ import torch
 
 from . import data as data_mod
 from . import models, predict
+from .errors import LungsError
 from .io import atomic_write_csv, atomic_write_text
 from .params import dump
 from .paths import outputs_dir
-from .train import TrainResult, autocast_dtype, fit, select_device
+from .train import TrainResult, autocast_dtype, check_resume, fit, select_device
 
 
 @dataclass
@@ -52,17 +53,36 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
     """Load (and cache) the data, make the split, the datasets and the model; write params + split."""
     params = dict(params)
     run_dir = run_dir_for(params)
+    # Cheap checks first: a typo must not wait for the whole dataset to be decoded.
+    models.options(params["model"])
+    select_device(params["device"])
+    check_resume(run_dir, params)
     data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress)
     split = data_mod.split_for(data, params["val_fraction"], params["seed"], params["folds"],
                                params["fold"], params["limit"])
-    train, val, test = data_mod.datasets(data, split)
+    train, val, test = datasets(data, split, params, progress=progress)
     torch.manual_seed(params["seed"])  # same initial weights for the same seed
-    model = models.build(params["model"])
+    model = models.build(params["model"], in_channels=2 if params["masks"] == "channel" else 1)
     if _is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         dump(params, run_dir / "params.yaml")
         atomic_write_csv(split, run_dir / "split.csv")
     return Experiment(params, run_dir, data, split, train, val, test, model)
+
+
+def datasets(data: data_mod.LungsData, split: pd.DataFrame, params: Mapping[str, Any], *,
+             progress: bool = False) -> tuple[data_mod.XrayDataset, data_mod.XrayDataset, data_mod.XrayDataset]:
+    """The run's datasets; with ``masks`` set, train carries the given lung masks and validation / test
+    the masks predicted by ``mask_run`` (out-of-fold for validation), so validation sees what test sees."""
+    if params["masks"] == "none":
+        return data_mod.datasets(data, split)
+    if not params["mask_run"]:
+        raise LungsError(f"params: masks: {params['masks']} needs mask_run: <segmentation run> for the "
+                         "validation and test masks; train one with params/05_lung_segmentation.yaml")
+    from .segmentation import predicted_masks
+
+    oof, test = predicted_masks(data, params["mask_run"], progress=progress)
+    return data_mod.datasets(data, split, use_masks=True, val_masks=oof.images, test_masks=test.images)
 
 
 def _is_main_process() -> bool:
@@ -84,7 +104,7 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
     p = exp.params
     device = select_device(p["device"])
     kwargs = dict(image_size=p["image_size"], device=device, batch_size=max(64, p["batch_size"]),
-                  tta=p["tta"], channels_last=p["channels_last"],
+                  tta=p["tta"], channels_last=p["channels_last"], masks=p["masks"],
                   autocast_dtype=autocast_dtype(device, p["precision"]), progress=progress)
     t0 = time.perf_counter()
     val_ids, val_probs = predict.predict_proba(exp.model, exp.val, **kwargs)

@@ -48,11 +48,13 @@ def _read_params(path: Path) -> dict[str, Any]:
 
 
 def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Run folders (those holding ``metrics.json``) under ``outputs/``, sorted by name."""
+    """Classification and ensemble run folders (those holding ``metrics.json``) under ``outputs/``,
+    sorted by name. Segmentation runs (``"task": "segmentation"``) have no macro-F1 and are left out."""
     root = Path(root) if root is not None else outputs_dir()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.json").is_file()
+                  and _read_json(p / "metrics.json").get("task") != "segmentation")
 
 
 def _history_stats(run_dir: Path) -> dict[str, float]:

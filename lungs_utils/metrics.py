@@ -76,3 +76,46 @@ def flat(metrics: dict[str, Any], prefix: str = "val_") -> dict[str, float]:
     for name, values in metrics["per_class"].items():
         row[f"{prefix}f1_{name.split()[0].lower().replace('-19', '')}"] = values["f1"]
     return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmentation (lung masks)
+# --------------------------------------------------------------------------------------------------
+def dice_iou(predicted: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Dice and IoU of two binary masks (any shape; nonzero = lung), pooled over every pixel given.
+
+    Two empty masks agree perfectly (1.0), the usual convention.
+    """
+    p = torch.as_tensor(np.array(predicted) if not isinstance(predicted, torch.Tensor) else predicted) != 0
+    t = torch.as_tensor(np.array(target) if not isinstance(target, torch.Tensor) else target) != 0
+    inter, total = int((p & t).sum()), int(p.sum() + t.sum())
+    union = total - inter
+    return {"dice": 2 * inter / total if total else 1.0, "iou": inter / union if union else 1.0}
+
+
+class MaskOverlap:
+    """Accumulates pixel overlap of binary masks over a whole set, on a device.
+
+    ``counts`` = (intersection, predicted pixels, true pixels, sum of per-image Dice, images): all
+    additive across batches and DDP ranks, like :class:`ConfusionMatrix`. :meth:`metrics` gives the
+    pooled Dice and IoU of the whole set and the mean per-image Dice.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.counts = torch.zeros(5, dtype=torch.float64, device=device)
+
+    def update(self, target: torch.Tensor, predicted: torch.Tensor) -> None:
+        """Add a batch of ``(N, 1, H, W)`` binary masks (bool or {0, 1})."""
+        t, p = target.flatten(1).bool(), predicted.flatten(1).bool()
+        inter = (t & p).sum(dim=1).double()
+        n_p, n_t = p.sum(dim=1).double(), t.sum(dim=1).double()
+        total = n_p + n_t
+        per_image = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+        self.counts += torch.stack([inter.sum(), n_p.sum(), n_t.sum(), per_image.sum(),
+                                    torch.tensor(float(len(t)), dtype=torch.float64, device=t.device)])
+
+    def metrics(self) -> dict[str, float]:
+        inter, n_p, n_t, dice_sum, n = self.counts.tolist()
+        total, union = n_p + n_t, n_p + n_t - inter
+        return {"dice": 2 * inter / total if total else 1.0, "iou": inter / union if union else 1.0,
+                "mean_dice": dice_sum / n if n else 0.0, "images": int(n)}

@@ -35,6 +35,9 @@ def _s(types: type | tuple[type, ...], default: Any, help: str, **kw: Any) -> Sp
     return Spec(types if isinstance(types, tuple) else (types,), default, help, **kw)
 
 
+#: How a classifier uses a lung mask (key ``masks``; applied in :func:`lungs_utils.presets.apply_masks`).
+MASK_MODES = ("none", "multiply", "crop", "channel")
+
 #: Every parameter a params file or a notebook may set. Notebook defaults are quick CPU settings;
 #: the full-size recipes live in ``params/*.yaml``.
 SCHEMA: dict[str, Spec] = {
@@ -52,6 +55,11 @@ SCHEMA: dict[str, Spec] = {
                 minimum=3),
     "cache_dir": _s(str, None, "decoded-image cache folder (null = data/cache)", nullable=True),
     "num_workers": _s(int, 0, "DataLoader worker processes", minimum=0),
+    "masks": _s(str, "none", "lung masks for a classifier: none, multiply (image x mask), crop (to the "
+                "lungs' box) or channel (2nd input channel); train uses given masks, val/test predicted "
+                "ones from mask_run", choices=MASK_MODES),
+    "mask_run": _s(str, None, "segmentation run (name under outputs/ or folder) whose predicted masks "
+                   "are used when masks is not none", nullable=True),
     # --- model and training ----------------------------------------------------------------------
     "model": _s(str, "simple_cnn", "architecture name from lungs_utils.models.names()"),
     "epochs": _s(int, 3, "training epochs", minimum=0),

@@ -204,30 +204,78 @@ def image_size_counts(data_dir: str | os.PathLike[str], max_files: int = 2000, s
 # Training results (model notebooks)
 # ------------------------------------------------------------------------------------------------
 def learning_curves(history: pd.DataFrame, title: str | None = None) -> Figure:
-    """Loss, accuracy and macro-F1 per epoch, train (dashed) vs validation (solid); the best
-    validation macro-F1 epoch is marked."""
+    """Loss and the task's metrics per epoch, train (dashed) vs validation (solid), best epoch marked.
+
+    Classification: loss, accuracy, macro-F1. Segmentation (a ``val_dice`` column): loss, IoU, Dice,
+    one colour per fold when there is a ``fold`` column.
+    """
+    seg = "val_dice" in history
+    panels = (("loss", "loss"), ("iou", "IoU"), ("dice", "Dice")) if seg else \
+        (("loss", "loss"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+    score = panels[-1][0]
     fig = Figure(figsize=(12, 3.3))
     axes = fig.subplots(1, 3)
-    epochs = history["epoch"].to_numpy() if "epoch" in history else np.arange(1, len(history) + 1)
-    marker = "o" if len(history) <= 12 else None
-    for ax, (metric, label) in zip(axes, (("loss", "loss"), ("accuracy", "accuracy"),
-                                          ("macro_f1", "macro-F1"))):
-        for part, style in (("train", "--"), ("val", "-")):
-            col = f"{part}_{metric}"
-            if col in history:
-                ax.plot(epochs, history[col], style, marker=marker, ms=3.5, label=part,
-                        color="#4C72B0" if part == "val" else "#8C8C8C")
-        ax.set(title=label, xlabel="epoch")
+    groups = list(history.groupby("fold")) if "fold" in history else [(None, history)]
+    colours = sns_palette(len(groups)) if len(groups) > 1 else ["#4C72B0"]
+    for (fold, part_history), colour in zip(groups, colours):
+        epochs = part_history["epoch"].to_numpy() if "epoch" in part_history else \
+            np.arange(1, len(part_history) + 1)
+        marker = "o" if len(part_history) <= 12 else None
+        suffix = "" if fold is None else f" (fold {fold})"
+        for ax, (metric, label) in zip(axes, panels):
+            for part, style in (("train", "--"), ("val", "-")):
+                col = f"{part}_{metric}"
+                if col in part_history:
+                    ax.plot(epochs, part_history[col], style, marker=marker, ms=3.5, label=part + suffix,
+                            color=colour if part == "val" or fold is not None else "#8C8C8C",
+                            alpha=1.0 if part == "val" else 0.6)
+            ax.set(title=label, xlabel="epoch")
+        col = f"val_{score}"
+        if col in part_history and len(part_history):
+            best = int(np.nanargmax(part_history[col].to_numpy()))
+            value = float(part_history[col].iloc[best])
+            axes[2].axvline(epochs[best], color="#C44E52", lw=0.8, ls=":")
+            axes[2].annotate(f"best {value:.3f} @ {epochs[best]}", (epochs[best], value), fontsize=8,
+                             xytext=(4, -12), textcoords="offset points", color="#C44E52")
+    for ax in axes:
         _clean(ax)
-        ax.legend(frameon=False, fontsize=8)
-    if "val_macro_f1" in history and len(history):
-        best = int(np.nanargmax(history["val_macro_f1"].to_numpy()))
-        f1 = float(history["val_macro_f1"].iloc[best])
-        axes[2].axvline(epochs[best], color="#C44E52", lw=0.8, ls=":")
-        axes[2].annotate(f"best {f1:.3f} @ {epochs[best]}", (epochs[best], f1), fontsize=8,
-                         xytext=(4, -12), textcoords="offset points", color="#C44E52")
+        ax.legend(frameon=False, fontsize=7 if len(groups) > 1 else 8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def sns_palette(n: int) -> list:
+    """``n`` distinct colours (seaborn's default palette)."""
+    import seaborn as sns
+
+    return sns.color_palette(n_colors=n)
+
+
+def mask_comparison(images: np.ndarray, predicted: np.ndarray, ids: Sequence[int],
+                    truth: np.ndarray | None = None, cols: int = 6, title: str | None = None) -> Figure:
+    """Images ``(N, H, W)`` with predicted lung masks (red outline) and, when given, the true ones
+    (green), each titled with its id and, with ``truth``, its Dice."""
+    from .metrics import dice_iou
+
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(1.9 * cols, 2.05 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for k, ax in enumerate(axes[:n]):
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        text = f"id {ids[k]}"
+        if truth is not None:
+            ax.contour(truth[k] > 127, levels=[0.5], colors=["#39d353"], linewidths=0.9)
+            text += f"  Dice {dice_iou(predicted[k] > 127, truth[k] > 127)['dice']:.3f}"
+        if (predicted[k] > 127).any():
+            ax.contour(predicted[k] > 127, levels=[0.5], colors=["#ff4d4d"], linewidths=0.9)
+        ax.set_title(text, fontsize=7.5)
+    legend = "red: predicted" + (", green: given" if truth is not None else "")
+    fig.suptitle(f"{title}  ({legend})" if title else legend, fontsize=10)
     fig.tight_layout()
     return fig
 

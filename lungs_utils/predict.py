@@ -86,12 +86,13 @@ TTA_VIEWS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
 def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, image_size: int,
                   device: torch.device | str = "cpu", batch_size: int = 128, tta: bool = False,
                   channels_last: bool = False, autocast_dtype: torch.dtype | None = None,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, masks: str = "channel") -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities for every item of ``dataset`` (items ``(uint8 (C,H,W), label, id)``).
 
     Returns ``(ids int64 (N,), probs float32 (N, classes))`` in dataset order. The model must already
     be on ``device`` (and in channels_last format if ``channels_last``, for the speed-up). With ``tta``
-    the probabilities are averaged over :data:`TTA_VIEWS`. The model's train/eval modes are restored.
+    the probabilities are averaged over :data:`TTA_VIEWS`. A lung-mask channel in the items is used
+    as ``masks`` says (the run's params key). The model's train/eval modes are restored.
     """
     from .progress import bar
 
@@ -113,7 +114,7 @@ def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, 
         with torch.inference_mode(), autocast:
             for x, _, ids in bar(loader, desc="predict", disable=not progress, leave=False):
                 # uint8 crosses the bus (4x smaller than float), then becomes the network input there.
-                x = to_input(x.to(device, non_blocking=True), image_size)
+                x = to_input(x.to(device, non_blocking=True), image_size, masks=masks)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 probs = sum(torch.softmax(model(view(x)).float(), dim=1) for view in views)

@@ -20,22 +20,71 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from . import NUM_CLASSES
+from .params import MASK_MODES
 
 #: Grayscale intensity statistics reported for the competition set (on [0, 1]).
 MEAN, STD = 0.514, 0.225
 
 
-def to_input(x: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
+def to_input(x: torch.Tensor, image_size: int | None = None, masks: str = "channel") -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` → float32 network input at ``image_size``.
 
     Channel 0 is the radiograph, normalised with the dataset's mean/std; a second channel, if present,
-    is a lung mask mapped to {0, 1}.
+    is a lung mask, used as ``masks`` says (:func:`apply_masks`; the default keeps it as a {0, 1} channel).
     """
-    x = x.float().div_(255.0)
+    x = apply_masks(x.float().div_(255.0), masks, image_size)
     if image_size is not None and x.shape[-2:] != (image_size, image_size):
         x = resize(x, image_size)
     x[:, :1].sub_(MEAN).div_(STD)
     return x
+
+
+#: Margin kept around the lungs (fraction of the side): the mask's edge runs along the pleura and
+#: costophrenic angles, where findings sit, and predicted masks are a little tight there.
+MASK_MARGIN = 0.03
+#: Masks covering less than this share of the image are treated as missing (a failed prediction),
+#: so the whole image is used rather than a blank one.
+MIN_MASK_AREA = 0.01
+
+
+def apply_masks(x: torch.Tensor, mode: str, image_size: int | None = None) -> torch.Tensor:
+    """Use the mask channel of a float batch ``(N, 2, H, W)`` in [0, 1] as ``mode`` says.
+
+    ``none`` drops it; ``multiply`` zeroes everything outside the (slightly grown) lungs; ``crop``
+    cuts each image to its lungs' bounding box plus a margin, resized to ``image_size`` (one batched
+    ``roi_align``); ``channel`` keeps it as a second channel. 1-channel batches pass through.
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"masks must be one of {MASK_MODES}, got {mode!r}")
+    if x.shape[1] == 1 or mode == "channel":
+        return x
+    img, mask = x[:, :1], (x[:, 1:2] > 0.5).to(x.dtype)
+    if mode == "none":
+        return img
+    n, _, h, w = x.shape
+    present = mask.mean(dim=(1, 2, 3)) >= MIN_MASK_AREA
+    if mode == "multiply":
+        k = 2 * max(1, round(MASK_MARGIN * max(h, w))) + 1
+        grown = F.max_pool2d(mask, k, stride=1, padding=k // 2)
+        grown = torch.where(present.view(n, 1, 1, 1), grown, torch.ones_like(grown))
+        return img * grown
+    from torchvision.ops import roi_align
+
+    rows, cols = mask[:, 0].amax(dim=2) > 0, mask[:, 0].amax(dim=1) > 0  # (N, H), (N, W)
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    top = torch.where(rows, ar_h, h).amin(dim=1)
+    bottom = torch.where(rows, ar_h, -1).amax(dim=1) + 1
+    left = torch.where(cols, ar_w, w).amin(dim=1)
+    right = torch.where(cols, ar_w, -1).amax(dim=1) + 1
+    mh, mw = MASK_MARGIN * h, MASK_MARGIN * w
+    boxes = torch.stack([(left - mw).clamp(min=0), (top - mh).clamp(min=0),
+                         (right + mw).clamp(max=w), (bottom + mh).clamp(max=h)], dim=1).to(x.dtype)
+    full = torch.tensor([0, 0, w, h], dtype=x.dtype, device=x.device)
+    boxes = torch.where(present.view(n, 1), boxes, full)
+    size = image_size or (h, w)
+    index = torch.arange(n, dtype=x.dtype, device=x.device).view(n, 1)
+    return roi_align(img, torch.cat([index, boxes], dim=1), output_size=size, spatial_scale=1.0,
+                     sampling_ratio=-1, aligned=True)
 
 
 def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -135,10 +184,14 @@ def mix(params: Mapping[str, Any]) -> v2.Transform | None:
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
 
 
-def train_batch(x: torch.Tensor, params: Mapping[str, Any], generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-    """uint8 batch → augmented, normalised float batch at ``params['image_size']``."""
-    x = x.float().div_(255.0)
+def train_batch(x: torch.Tensor, params: Mapping[str, Any], generator: torch.Generator | None = None,
+                masks: str | None = None) -> torch.Tensor:
+    """uint8 batch → augmented, normalised float batch at ``params['image_size']``.
+
+    A mask channel is used as ``masks`` (default ``params['masks']``) says, before augmentation; kept
+    as a channel, it follows the geometry but not the photometry.
+    """
+    x = apply_masks(x.float().div_(255.0), masks or params["masks"], params["image_size"])
     if x.shape[-2:] != (params["image_size"],) * 2:
         x = resize(x, params["image_size"])
     x = BatchAugment(params, generator)(x)

@@ -54,6 +54,8 @@ def experiment_summary(exp: Any) -> pd.DataFrame:
             ("input", f"{p['image_size']} px, batch {p['batch_size']}, {p['epochs']} epochs"),
             ("optimiser", f"{p['optimizer']} lr {p['lr']:g}, wd {p['weight_decay']:g}, {p['scheduler']}"),
             ("device", str(p["device"]))]
+    if p.get("masks", "none") != "none":
+        rows.append(("lung masks", f"{p['masks']}; val/test masks from {p['mask_run']}"))
     try:
         flops = models.describe(exp.model, image_size=p["image_size"])["flops"]
         rows.append(("forward cost", f"{flops / 1e9:.2f} GFLOPs per image"))
@@ -62,13 +64,25 @@ def experiment_summary(exp: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["", "value"]).set_index("")
 
 
-def outputs_summary(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """The files a run folder holds (what to upload, what to look at), with sizes."""
+def outputs_summary(run_dir: str | os.PathLike[str], max_listed: int = 20) -> pd.DataFrame:
+    """The files a run folder holds (what to upload, what to look at), with sizes; a folder of more
+    than ``max_listed`` files (e.g. predicted masks) is one row."""
     run_dir = Path(run_dir)
-    rows = []
-    for path in sorted(run_dir.rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            rows.append((str(path.relative_to(run_dir)), f"{path.stat().st_size / 1024:.1f} KB"))
+    files = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")
+             and not any(part.startswith(".") for part in p.relative_to(run_dir).parts)]
+    per_folder: dict[Path, list[Path]] = {}
+    for path in files:
+        per_folder.setdefault(path.parent, []).append(path)
+    rows, done = [], set()
+    for path in files:
+        group = per_folder[path.parent]
+        if len(group) > max_listed:
+            if path.parent not in done:
+                done.add(path.parent)
+                size = sum(f.stat().st_size for f in group) / 1024
+                rows.append((f"{path.parent.relative_to(run_dir)}/ ({len(group)} files)", f"{size:.1f} KB"))
+            continue
+        rows.append((str(path.relative_to(run_dir)), f"{path.stat().st_size / 1024:.1f} KB"))
     return pd.DataFrame(rows, columns=["file", "size"])
 
 

@@ -235,6 +235,17 @@ def _claim(values: dict[str, Any], on_exists: str) -> tuple[Path, bool]:
     return folder, resumed
 
 
+@contextlib.contextmanager
+def claimed(values: dict[str, Any], on_exists: str = "error") -> Iterator[tuple[Path, bool]]:
+    """Claim the run folder (refuse / resume / suffix, as ``on_exists`` says) and hold its lock for the
+    block; yields (folder, resumed). Used by ``lungs train``, which has no notebook around it."""
+    folder, resumed = _claim(values, on_exists)
+    try:
+        yield folder, resumed
+    finally:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+
+
 def _next_free(folder: Path) -> Path:
     k = 2
     while True:
@@ -357,6 +368,13 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
     notebook_in = _check_runnable(values)
     given = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else overrides
     folder, resumed = _claim(values, on_exists)
+    try:
+        from .train import check_resume
+
+        check_resume(folder, values)  # before params.yaml is rewritten
+    except BaseException:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        raise
     executed = folder / notebook_in.name
     started_wall, t0 = time.time(), time.perf_counter()
     info: dict[str, Any] = {"run_name": folder.name, "status": "running", "started": _now()}

@@ -143,7 +143,8 @@ def _set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gene
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     for key, g in generators.items():
-        g.set_state(state["generators"][key])
+        if key in state["generators"]:  # checkpoints of older versions lack newer generators
+            g.set_state(state["generators"][key])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -168,6 +169,18 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise LungsError(f"{path} is not a lungs checkpoint (no '{CHECKPOINT_FORMAT}' marker); use "
                          "checkpoints/best.pt or last.pt from a run folder")
     return state
+
+
+def check_resume(run_dir: str | os.PathLike[str], params: Mapping[str, Any]) -> None:
+    """Before anything is written: refuse to resume a run whose ``last.pt`` is unreadable or holds
+    another architecture (the run folder's params.yaml must keep describing its checkpoints)."""
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    if not params["resume"] or not last.is_file():
+        return
+    trained = load_checkpoint(last).get("params", {}).get("model")
+    if trained is not None and trained != params["model"]:
+        raise LungsError(f"{last} holds weights of '{trained}' that do not fit this model ('{params['model']}'); "
+                         f"set model: {trained} or choose a checkpoint of this model")
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
@@ -203,6 +216,82 @@ class TrainResult:
     checkpoints: dict[str, Path] = field(default_factory=dict)
 
 
+class Task:
+    """What the loop needs to know about a learning problem; :class:`Classification` is the default.
+
+    A task turns a uint8 batch into (network input, target), builds the loss, and keeps the metrics:
+    a meter with an additive ``counts`` tensor (summed across DDP ranks) and ``metrics()`` from it.
+    ``score`` names the validation metric that picks the best checkpoint and drives early stopping.
+    The loop, checkpoints, resume and history are shared by every task (see :func:`fit`).
+    """
+
+    score = "macro_f1"
+
+    def make_loss(self, params: Mapping[str, Any], train_ds: torch.utils.data.Dataset) -> nn.Module:
+        raise NotImplementedError
+
+    def train_inputs(self, x: torch.Tensor, y: torch.Tensor, params: Mapping[str, Any],
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented input and target of a training batch (``x`` already on the device)."""
+        raise NotImplementedError
+
+    def eval_inputs(self, x: torch.Tensor, y: torch.Tensor, params: Mapping[str, Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def meter(self, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def update(self, meter: Any, out: torch.Tensor, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def metrics(self, meter: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loss_sum(self, out: torch.Tensor, target: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
+        """The batch's loss summed over its items (so an epoch's mean is exact across batches and ranks)."""
+        raise NotImplementedError
+
+    def flat(self, metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+        """The scalar metrics for a history row."""
+        return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class Classification(Task):
+    """Three-class classification: cross-entropy, macro-F1 from one confusion matrix."""
+
+    score = "macro_f1"
+
+    def make_loss(self, params: Mapping[str, Any], train_ds: torch.utils.data.Dataset) -> nn.Module:
+        labels = getattr(train_ds, "labels", None)
+        return make_loss(params, labels if labels is not None else np.zeros(0, np.int64))
+
+    def train_inputs(self, x, y, params, generator):
+        return presets.train_batch(x, params, generator), y
+
+    def eval_inputs(self, x, y, params):
+        return presets.to_input(x, params["image_size"], masks=params["masks"]), y
+
+    def meter(self, device: torch.device) -> ConfusionMatrix:
+        return ConfusionMatrix(device=device)
+
+    def update(self, meter: ConfusionMatrix, out: torch.Tensor, target: torch.Tensor) -> None:
+        meter.update(target, out.argmax(dim=1))
+
+    def metrics(self, meter: ConfusionMatrix) -> dict[str, Any]:
+        return from_confusion(meter.matrix())
+
+    def loss_sum(self, out, target, loss_fn):
+        return nn.functional.cross_entropy(out.float(), target, weight=getattr(loss_fn, "weight", None),
+                                           reduction="sum")
+
+    def flat(self, metrics, prefix):
+        return flat(metrics, prefix)
+
+
+CLASSIFICATION = Classification()
+
+
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -216,8 +305,8 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, params: Mapping[str, Any],
-             device: torch.device, loss_fn: nn.Module | None = None, *, progress: bool = False
-             ) -> tuple[float, dict[str, Any]]:
+             device: torch.device, loss_fn: nn.Module | None = None, *, progress: bool = False,
+             task: Task = CLASSIFICATION) -> tuple[float, dict[str, Any]]:
     """Loss and metrics over the whole dataset (every sample counted once, across ranks)."""
     rank, world = _distributed()
     sampler = None
@@ -228,47 +317,46 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, params: Mappin
                                          sampler=sampler, num_workers=params["num_workers"],
                                          pin_memory=device.type == "cuda")
     dtype = autocast_dtype(device, params["precision"])
-    cm = ConfusionMatrix(device=device)
+    meter = task.meter(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    loss_fn = loss_fn or task.make_loss(params, dataset)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         for x, y, _ in bar(loader, desc="validate", leave=False, disable=not progress or rank != 0):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = presets.to_input(x, params["image_size"])
+            x, target = task.eval_inputs(x.to(device, non_blocking=True), y.to(device, non_blocking=True), params)
             if params["channels_last"]:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(x)
-            loss_sum += nn.functional.cross_entropy(logits.float(), y, weight=getattr(loss_fn, "weight", None),
-                                                    reduction="sum")
-            cm.update(y, logits.argmax(dim=1))
+                out = model(x)
+            loss_sum += task.loss_sum(out.float(), target, loss_fn)
+            n += len(x)
+            task.update(meter, out, target)
     model.train(was_training)
-    _all_sum(cm.counts)
+    _all_sum(meter.counts)
     _all_sum(loss_sum)
-    n = int(cm.counts.sum())
-    return (float(loss_sum) / max(n, 1)), from_confusion(cm.matrix())
+    _all_sum(n)
+    return float(loss_sum) / max(float(n), 1.0), task.metrics(meter)
 
 
 def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Mapping[str, Any], *,
                loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, mixer: Any = None,
-               generator: torch.Generator | None = None, dtype: torch.dtype | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               task: Task = CLASSIFICATION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimisation step on a uint8 batch ``x`` (any device) with labels ``y`` (on the model's device):
-    move, augment, mix, forward under autocast, backward, clip, step. Returns (loss, logits); the caller
-    accumulates what it needs on the device (no sync)."""
-    device = y.device
-    x = presets.train_batch(x.to(device, non_blocking=True), params, generator)
-    target: torch.Tensor = y
+    move, augment, mix, forward under autocast, backward, clip, step. Returns (loss, output, target for
+    the metrics); the caller accumulates what it needs on the device (no sync)."""
+    x, target = task.train_inputs(x.to(y.device, non_blocking=True), y, params, generator)
+    fit_target = target
     if mixer is not None:
-        x, target = mixer(x, y)
+        x, fit_target = mixer(x, target)
     if params["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = net(x)
-        loss = loss_fn(logits.float(), target)
+    with torch.autocast(y.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = net(x)
+        loss = loss_fn(out.float(), fit_target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if params["grad_clip"]:
@@ -278,18 +366,19 @@ def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Mapping
     scaler.update()
     if scheduler is not None:
         scheduler.step()
-    return loss, logits
+    return loss, out, target
 
 
 def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset,
         params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None = None, *,
-        progress: bool = True, stop_after: int | None = None) -> TrainResult:
+        progress: bool = True, stop_after: int | None = None, task: Task = CLASSIFICATION) -> TrainResult:
     """Train ``model`` and return its history; leaves the best epoch's weights in ``model``.
 
     With ``run_dir``: ``history.csv`` after every epoch, ``checkpoints/last.pt`` (full state, for exact
-    resume) and ``checkpoints/best.pt`` (best val macro-F1), all written atomically; ``params['resume']``
-    continues from ``last.pt``. ``stop_after`` ends this call after that many epochs (the schedule
-    still spans ``params['epochs']``), for time-boxed sessions that resume later.
+    resume) and ``checkpoints/best.pt`` (best validation ``task.score``: macro-F1 for classification,
+    Dice for lung masks), all written atomically; ``params['resume']`` continues from ``last.pt``.
+    ``stop_after`` ends this call after that many epochs (the schedule still spans
+    ``params['epochs']``), for time-boxed sessions that resume later.
     """
     started = time.perf_counter()
     rank, world = _distributed()
@@ -305,10 +394,12 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    labels = getattr(train_ds, "labels", None)
-    loss_fn = make_loss(params, labels if labels is not None else np.zeros(0, np.int64)).to(device)
+    loss_fn = task.make_loss(params, train_ds).to(device)
+    # Own generators for everything random in the loop, saved in last.pt: a resumed process replays
+    # them exactly. "workers" seeds DataLoader workers, which would otherwise draw from the global RNG.
     generators = {"loader": torch.Generator().manual_seed(params["seed"]),
-                  "augment": torch.Generator().manual_seed(params["seed"] + 1)}
+                  "augment": torch.Generator().manual_seed(params["seed"] + 1),
+                  "workers": torch.Generator().manual_seed(params["seed"] + 2)}
     if world > 1:
         sampler: Any = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True,
                                                                        seed=params["seed"])
@@ -318,6 +409,7 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=params["batch_size"], sampler=sampler, num_workers=params["num_workers"],
         pin_memory=device.type == "cuda", persistent_workers=params["num_workers"] > 0,
+        generator=generators["workers"],
         # A lone last sample would break BatchNorm; drop only that case.
         drop_last=per_rank % params["batch_size"] == 1 and per_rank > 1)
     steps = max(1, len(loader))
@@ -325,13 +417,16 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
     scheduler = make_scheduler(optimizer, params, steps)
     dtype = autocast_dtype(device, params["precision"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    mixer = presets.mix(params)
+    mixer = presets.mix(params) if isinstance(task, Classification) else None
 
     history: list[dict[str, Any]] = []
-    start_epoch, best_f1, best_epoch, bad_epochs = 0, -1.0, 0, 0
+    start_epoch, best_score, best_epoch, bad_epochs = 0, -math.inf, 0, 0
     best_metrics: dict[str, Any] = {}
     best_state: dict[str, torch.Tensor] | None = None
     last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
+    if ckpt_dir is not None and rank == 0:
+        for leftover in ckpt_dir.glob(".*.tmp"):  # from a run killed while saving
+            leftover.unlink(missing_ok=True)
     if params["resume"] and last_path is not None and last_path.is_file():
         state = load_checkpoint(last_path, map_location=device)
         load_weights(model, state, str(last_path))
@@ -339,7 +434,7 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], generators)
-        start_epoch, best_f1, best_epoch = state["epoch"], state["best_f1"], state["best_epoch"]
+        start_epoch, best_score, best_epoch = state["epoch"], state["best_score"], state["best_epoch"]
         bad_epochs, history = state["bad_epochs"], list(state["history"])
         best_metrics = state["best_metrics"]
         if rank == 0:
@@ -355,46 +450,47 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         net.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        cm = ConfusionMatrix(device=device)
+        meter = task.meter(device)
         n_seen = 0
         for x, y, _ in bar(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or rank != 0):
             y = y.to(device, non_blocking=True)
-            loss, logits = train_step(net, x, y, params, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
-                                      scheduler=scheduler, mixer=mixer, generator=generators["augment"],
-                                      dtype=dtype)
+            loss, out, target = train_step(net, x, y, params, loss_fn=loss_fn, optimizer=optimizer,
+                                           scaler=scaler, scheduler=scheduler, mixer=mixer,
+                                           generator=generators["augment"], dtype=dtype, task=task)
             # Device-side bookkeeping only: no .item() (a sync) per batch.
             loss_sum += loss.detach().double() * y.shape[0]
-            cm.update(y, logits.detach().argmax(dim=1))
+            task.update(meter, out.detach(), target)
             n_seen += y.shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         images_seen += n_seen * world
         train_seconds += seconds
-        _all_sum(cm.counts)
+        _all_sum(meter.counts)
         _all_sum(loss_sum)
-        train_metrics = from_confusion(cm.matrix())
+        train_metrics = task.metrics(meter)
         t1 = time.perf_counter()
         # The plain module, not the DDP wrapper: DDP's per-forward buffer broadcast would deadlock
         # when ranks hold different numbers of validation batches.
-        val_loss, val_metrics = evaluate(model, val_ds, params, device, loss_fn, progress=progress)
+        val_loss, val_metrics = evaluate(model, val_ds, params, device, loss_fn, progress=progress, task=task)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": float(loss_sum) / max(1, int(cm.counts.sum())),
-               **flat(train_metrics, "train_"), "val_loss": val_loss, **flat(val_metrics, "val_"),
+               "train_loss": float(loss_sum) / max(1, n_seen * world),
+               **task.flat(train_metrics, "train_"), "val_loss": val_loss, **task.flat(val_metrics, "val_"),
                "train_seconds": seconds, "val_seconds": time.perf_counter() - t1,
                "images_per_s": n_seen * world / max(seconds, 1e-9)}
         history.append(row)
-        improved = val_metrics["macro_f1"] > best_f1
+        score = val_metrics[task.score]
+        improved = score > best_score
         if improved:
-            best_f1, best_epoch, bad_epochs = val_metrics["macro_f1"], epoch + 1, 0
+            best_score, best_epoch, bad_epochs = score, epoch + 1, 0
             best_metrics = val_metrics
         else:
             bad_epochs += 1
         if progress and rank == 0:
-            epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val_f1=f"{val_metrics['macro_f1']:.3f}",
-                               best=f"{best_f1:.3f}")
+            epochs.set_postfix({"loss": f"{row['train_loss']:.3f}", f"val_{task.score}": f"{score:.3f}",
+                                "best": f"{best_score:.3f}"})
         state = {"format": CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(), "epoch": epoch + 1,
-                 "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                 "best_score": best_score, "score": task.score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                  "val_metrics": val_metrics, "best_metrics": best_metrics, "params": dict(params)}
         if improved:
             best_state = {k: v.detach().clone() for k, v in state["model"].items()}

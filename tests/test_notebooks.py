@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PARAMS = sorted((ROOT / "params").glob("*.yaml")) + sorted((ROOT / "params" / "demo").glob("*.yaml"))
 MODEL_NOTEBOOKS = {"10_simple_cnn", "11_resnet", "12_unet", "13_mobilenet", "14_vgg", "15_modern"}
-EXPECTED = {"00_data", *MODEL_NOTEBOOKS, "90_ensemble", "95_leaderboard"}
+EXPECTED = {"00_data", "05_lung_segmentation", *MODEL_NOTEBOOKS, "90_ensemble", "95_leaderboard"}
 TINY = ["-p", "image_size=32", "-p", "epochs=1", "-p", "batch_size=8"]
 
 
@@ -144,11 +144,14 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> dict:
     demo = lungs("demo", "--train", "36", "--test", "9", "--size", "48", *TINY)
     extra = home / "extra"
     extra.mkdir()
-    for name in ("11_resnet18", "12_unet", "13_mobilenet_v2", "14_vgg16"):
+    for name in ("05_lung_segmentation", "11_resnet18", "12_unet", "13_mobilenet_v2", "14_vgg16"):
         (extra / f"{name}.yaml").write_text((ROOT / "params" / f"{name}.yaml").read_text())
     pipeline = lungs("pipeline", str(extra), *TINY, "-p", "device=cpu")
+    # A classifier that reads the segmentation run's predicted masks.
+    masked = lungs("run", str(ROOT / "params" / "11_resnet18.yaml"), *TINY, "-p", "device=cpu",
+                   "-p", "masks=crop", "-p", "mask_run=lung_masks", "-p", "run_name=resnet18_crop")
     return {"home": home, "outputs": home / "outputs", "env": env, "demo": demo, "pipeline": pipeline,
-            "data_dir": home / "data" / "phantom" / "data"}
+            "masked": masked, "data_dir": home / "data" / "phantom" / "data"}
 
 
 CONTRACT = ("params.yaml", "run.json", "history.csv", "metrics.json", "val_predictions.csv",
@@ -220,6 +223,34 @@ def test_pipeline_runs_the_other_model_notebooks(suite: dict, run_name: str, not
     assert result.returncode == 0, result.stdout + result.stderr
     assert run_name in result.stdout  # the summary table
     assert_model_run(suite["outputs"] / run_name, notebook, model)
+
+
+@pytest.mark.slow
+def test_segmentation_notebook_writes_masks_for_every_test_image(suite: dict) -> None:
+    result = suite["pipeline"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = suite["outputs"] / "lung_masks"
+    assert_no_cell_errored(folder / "05_lung_segmentation.ipynb")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation" and 0 <= metrics["val_dice"] <= 1 and metrics["n_test"] == 9
+    test_ids = sorted(int(p.stem[4:]) for p in (suite["data_dir"] / "test_images").glob("img_*.png"))
+    assert sorted(int(p.stem[4:]) for p in (folder / "masks" / "test").glob("img_*.png")) == test_ids
+    assert len(list((folder / "masks" / "train_oof").glob("img_*.png"))) == 36  # folds: 3 covers all
+    for name in ("given_masks", "learning_curves", "oof_masks", "test_masks"):
+        assert (folder / "plots" / f"{name}.png").is_file(), name
+    for k in range(3):
+        assert (folder / f"fold_{k}" / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_classifier_notebook_uses_predicted_masks(suite: dict) -> None:
+    result = suite["masked"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = suite["outputs"] / "resnet18_crop"
+    assert_model_run(folder, "11_resnet.ipynb", "resnet18")
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    assert params["masks"] == "crop" and params["mask_run"] == "lung_masks"
+    assert "lung masks" in (folder / "11_resnet.ipynb").read_text()  # the experiment summary says so
 
 
 @pytest.mark.slow
