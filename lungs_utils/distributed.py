@@ -34,11 +34,14 @@ def init_process_group() -> tuple[int, int]:
 
 
 def train_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one classification experiment, distributed when launched by torchrun; returns metrics."""
-    from . import experiment
+    """Run one experiment (lung segmentation when the params name its notebook, else classification),
+    distributed when launched by torchrun; returns its metrics."""
+    from . import experiment, segmentation
 
     rank, _world = init_process_group()
     try:
+        if params["notebook"] == segmentation.NOTEBOOK:
+            return segmentation.run(params, progress=rank == 0).outputs["metrics"]
         exp = experiment.run(params, progress=rank == 0)
         return exp.outputs["metrics"]
     finally:
@@ -63,5 +66,8 @@ def main(params_path: str, overrides: Iterable[str] = (), on_exists: str = "erro
         return 0
     with claimed(values, on_exists):
         metrics = train_from_params(values)
-    print(f"val macro-F1 {metrics['val_macro_f1']:.4f}  accuracy {metrics['val_accuracy']:.4f}")
+    if metrics.get("task") == "segmentation":
+        print(f"out-of-fold Dice {metrics['val_dice']:.4f}  IoU {metrics['val_iou']:.4f}  masks: {metrics['masks_dir']}")
+    else:
+        print(f"val macro-F1 {metrics['val_macro_f1']:.4f}  accuracy {metrics['val_accuracy']:.4f}")
     return 0

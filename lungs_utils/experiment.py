@@ -123,8 +123,10 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
         "best_epoch": result.best_epoch if result else None,
         "epochs_run": result.epochs_run if result else None,
         "stopped_early": result.stopped_early if result else None,
-        "train_seconds": result.seconds if result else None,
-        "train_images_per_s": result.train_images_per_s if result else None,
+        # From the history: every epoch counts, also those trained before a resume.
+        "train_seconds": float(result.history["train_seconds"].sum()) if result and len(result.history) else None,
+        "train_images_per_s": float(result.history["images_per_s"].median()) if result and len(result.history)
+        else None,
         "predict_seconds": seconds,
         "synthetic_data": exp.data.synthetic,
     }

@@ -25,9 +25,11 @@ class ConfusionMatrix:
 
     def update(self, target: torch.Tensor, predicted: torch.Tensor) -> None:
         """Add a batch of hard labels (rows with target < 0, i.e. unlabelled, are skipped)."""
+        # index_add_ with 0/1 weights instead of mask-select + bincount: neither sizes an output from
+        # the data, so on a GPU nothing waits for the device (no sync per batch).
         keep = target >= 0
-        index = target[keep] * self.num_classes + predicted[keep]
-        self.counts += torch.bincount(index, minlength=self.num_classes ** 2)
+        index = target.clamp(min=0) * self.num_classes + predicted
+        self.counts.index_add_(0, index, keep.to(self.counts.dtype))
 
     def matrix(self) -> np.ndarray:
         """The counts as a NumPy ``(C, C)`` array (one device-to-host copy)."""

@@ -106,15 +106,24 @@ class BatchAugment:
         self.generator = generator
 
     def _rand(self, n: int, device: torch.device) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator).to(device)
+        # Drawn on the CPU (one seeded stream whatever the device). A copy from pageable memory
+        # would wait for the GPU to finish all queued work; pinned + non_blocking does not.
+        r = torch.rand(n, generator=self.generator)
+        if device.type == "cuda":
+            return r.pin_memory().to(device, non_blocking=True)
+        return r
 
     def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
         return low + (high - low) * self._rand(n, device)
 
     def geometry(self, x: torch.Tensor) -> torch.Tensor:
         n, dev, p = x.shape[0], x.device, self.p
-        if not (p["hflip"] or p["rotate"] or p["translate"] or p["scale"] or p["crop_scale"]):
-            return x
+        if not (p["rotate"] or p["translate"] or p["scale"] or p["crop_scale"]):
+            if not p["hflip"]:
+                return x
+            # A flip alone moves pixels exactly: no resampling needed (several times cheaper).
+            flip = (self._rand(n, dev) < p["hflip"]).view(n, 1, 1, 1)
+            return torch.where(flip, x.flip(-1), x)
         angle = self._uniform(n, -p["rotate"], p["rotate"], dev) * (math.pi / 180)
         zoom = self._uniform(n, 1 - p["scale"], 1 + p["scale"], dev)
         sx = sy = 1.0 / zoom  # output samples a window 1/zoom the size of the input
@@ -135,8 +144,10 @@ class BatchAugment:
             torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
             torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
         ], dim=1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid = _affine_grid(theta.to(x.dtype), x.shape[-2], x.shape[-1])
+        # channels_last takes grid_sample's faster CPU kernel (same memory for one channel).
+        out = F.grid_sample(x.contiguous(memory_format=torch.channels_last), grid, mode="bilinear",
+                            padding_mode="border", align_corners=False)
         if x.shape[1] > 1:
             out[:, 1:] = (out[:, 1:] > 0.5).to(out.dtype)
         return out
@@ -144,17 +155,24 @@ class BatchAugment:
     def photometry(self, x: torch.Tensor) -> torch.Tensor:
         n, dev, p = x.shape[0], x.device, self.p
         img = x[:, :1]
-        if p["brightness"]:
-            img = img * self._uniform(n, 1 - p["brightness"], 1 + p["brightness"], dev).view(n, 1, 1, 1)
-        if p["contrast"]:
-            factor = self._uniform(n, 1 - p["contrast"], 1 + p["contrast"], dev).view(n, 1, 1, 1)
-            mean = img.mean(dim=(1, 2, 3), keepdim=True)
-            img = (img - mean) * factor + mean
+        if p["brightness"] or p["contrast"]:
+            # Brightness b then contrast c about the mean m is one affine map per image:
+            # (b*img - b*m) * c + b*m = img * (b*c) + b*m*(1 - c); one pass instead of five.
+            b = self._uniform(n, 1 - p["brightness"], 1 + p["brightness"], dev) if p["brightness"] \
+                else torch.ones(n, device=dev)
+            scale, shift = b, torch.zeros(n, device=dev)
+            if p["contrast"]:
+                c = self._uniform(n, 1 - p["contrast"], 1 + p["contrast"], dev)
+                shift = b * img.mean(dim=(1, 2, 3)) * (1 - c)
+                scale = b * c
+            img = torch.addcmul(shift.view(n, 1, 1, 1), img, scale.view(n, 1, 1, 1).to(img.dtype))
         img = img.clamp(0.0, 1.0)
         for key, fn in (("equalize", _equalize), ("sharpness", _sharpen), ("invert", TF.invert)):
             if p[key]:
-                chosen = self._rand(n, dev) < p[key]
-                if chosen.any():
+                # Chosen on the CPU: no GPU→CPU sync to learn which images (or whether any) to change.
+                chosen = (self._rand(n, torch.device("cpu")) < p[key]).nonzero().squeeze(1)
+                if len(chosen):
+                    chosen = chosen.to(dev, non_blocking=True)
                     img = img.clone()
                     img[chosen] = fn(img[chosen])
         return torch.cat([img, x[:, 1:]], dim=1) if x.shape[1] > 1 else img
@@ -168,8 +186,30 @@ def _equalize(img: torch.Tensor) -> torch.Tensor:
     return TF.equalize((img * 255).round().to(torch.uint8)).float() / 255
 
 
-def _sharpen(img: torch.Tensor) -> torch.Tensor:
-    return TF.adjust_sharpness(img, sharpness_factor=2.0)
+def _sharpen(img: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
+    """``TF.adjust_sharpness(img, factor)`` for a (N, 1, H, W) batch; border pixels stay as they are,
+    like PIL's. PIL's SMOOTH kernel is (3x3 box sum + 4 * centre) / 13, and blending with it is
+    ``centre * (factor + (1 - factor) * 4/13) + box * (1 - factor) / 13``: a separable box sum from
+    shifted adds, several times faster on a CPU than a 1-channel convolution."""
+    rows = img[..., :-2, :] + img[..., 1:-1, :] + img[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    out = img.clone()
+    centre = img[..., 1:-1, 1:-1]
+    out[..., 1:-1, 1:-1] = torch.add(centre * (factor + (1 - factor) * 4 / 13), box, alpha=(1 - factor) / 13)
+    return out.clamp_(0.0, 1.0)
+
+
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, h, w), align_corners=False)`` by broadcasting (~5x faster on a
+    CPU than its batched matrix product)."""
+    n = theta.shape[0]
+    xs = (torch.arange(w, dtype=theta.dtype, device=theta.device) * 2 + 1) / w - 1
+    ys = (torch.arange(h, dtype=theta.dtype, device=theta.device) * 2 + 1) / h - 1
+    a = theta.reshape(n, 6, 1, 1)
+    grid = torch.empty(n, h, w, 2, dtype=theta.dtype, device=theta.device)
+    grid[..., 0] = a[:, 0] * xs.view(1, 1, w) + a[:, 1] * ys.view(1, h, 1) + a[:, 2]
+    grid[..., 1] = a[:, 3] * xs.view(1, 1, w) + a[:, 4] * ys.view(1, h, 1) + a[:, 5]
+    return grid
 
 
 def mix(params: Mapping[str, Any]) -> v2.Transform | None:

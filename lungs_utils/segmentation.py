@@ -40,8 +40,9 @@ from .io import atomic_dir, atomic_write_csv, atomic_write_text
 from .metrics import MaskOverlap, dice_iou
 from .params import dump
 from .paths import outputs_dir
-from .train import Task, TrainResult, autocast_dtype, fit, select_device
+from .train import Task, TrainResult, autocast_dtype, check_resume, fit, select_device
 
+NOTEBOOK = "05_lung_segmentation.ipynb"
 MASKS_DIR = "masks"
 TEST_MASKS, OOF_MASKS = "test", "train_oof"
 THRESHOLD = 0.5
@@ -201,7 +202,8 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> SegExperimen
     from .experiment import run_dir_for
 
     params = dict(params)
-    build_model(params["model"])  # fail fast on a model without a mask head
+    build_model(params["model"])  # fail fast (before decoding the data) on a model without a mask head
+    select_device(params["device"])
     data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress)
     if data.masks is None:
         raise LungsError(f"{data.data_dir / data_mod.TRAIN_MASKS} is missing or incomplete: segmentation "
@@ -222,6 +224,7 @@ def train_fold(exp: SegExperiment, k: int, *, progress: bool = True) -> TrainRes
     torch.manual_seed(exp.params["seed"] + k)
     model = build_model(exp.params["model"])
     train, val = exp.datasets(k)
+    check_resume(exp.fold_dir(k), exp.params)
     result = fit(model, train, val, exp.params, exp.fold_dir(k), progress=progress, task=SEGMENTATION)
     while len(exp.models) <= k:
         exp.models.append(None)  # type: ignore[arg-type]

@@ -217,3 +217,16 @@ def test_leaderboard_leaves_out_segmentation_runs(seg_run) -> None:
 
     root, exp = seg_run
     assert exp.run_dir not in leaderboard.run_folders(root)  # no macro-F1 to rank it by
+
+
+def test_lungs_train_runs_a_segmentation_params_file(seg_run, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from lungs_utils import cli
+
+    root, _ = seg_run
+    recipe = Path(__file__).resolve().parents[1] / "params" / "05_lung_segmentation.yaml"
+    overrides = dict(data_dir=root / "ph" / "data", output_dir=tmp_path / "masks_run", cache_dir=root / "cache",
+                     image_size=32, epochs=1, folds=2, device="cpu")
+    code = cli.main(["train", str(recipe), *[a for k, v in overrides.items() for a in ("-p", f"{k}={v}")]])
+    assert code == 0 and "out-of-fold Dice" in capsys.readouterr().out
+    assert len(list((tmp_path / "masks_run" / "masks" / "test").glob("img_*.png"))) == 9

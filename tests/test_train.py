@@ -235,3 +235,51 @@ def test_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     state = T.load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     with pytest.raises(LungsError, match="weights of 'resnet_tiny' that do not fit.*set model: resnet_tiny"):
         T.load_weights(models.build("simple_cnn"), state, "best.pt")
+
+
+def test_batched_sharpen_matches_torchvision() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.rand(3, 1, 17, 23)
+    assert torch.allclose(presets._sharpen(x), TF.adjust_sharpness(x, 2.0), atol=1e-6)
+
+
+def test_flip_only_geometry_is_an_exact_mirror() -> None:
+    p = quick(hflip=1.0, rotate=0.0, translate=0.0, scale=0.0)
+    x = torch.rand(4, 2, 9, 12)
+    assert torch.equal(presets.BatchAugment(p).geometry(x), x.flip(-1))
+
+
+def test_broadcast_affine_grid_matches_torch() -> None:
+    theta = torch.randn(5, 2, 3)
+    for h, w in ((7, 7), (9, 13)):
+        assert torch.allclose(presets._affine_grid(theta, h, w),
+                              torch.nn.functional.affine_grid(theta, [5, 1, h, w], align_corners=False), atol=1e-5)
+
+
+def test_fused_brightness_contrast_matches_the_two_steps() -> None:
+    p = quick(brightness=0.3, contrast=0.4, equalize=0.0, sharpness=0.0, invert=0.0)
+    x = torch.rand(6, 1, 10, 10)
+    out = presets.BatchAugment(p, torch.Generator().manual_seed(1)).photometry(x.clone())
+    g = torch.Generator().manual_seed(1)
+    b = 0.7 + 0.6 * torch.rand(6, generator=g)
+    c = 0.6 + 0.8 * torch.rand(6, generator=g)
+    y = x * b.view(6, 1, 1, 1)
+    m = y.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(out, ((y - m) * c.view(6, 1, 1, 1) + m).clamp(0, 1), atol=1e-6)
+
+
+def test_resumed_run_reports_the_training_time_of_every_epoch(tiny_data: Path, tmp_path: Path) -> None:
+    import json
+
+    from lungs_utils import experiment as E
+
+    p = quick(epochs=2, data_dir=str(tiny_data), output_dir=str(tmp_path / "run"))
+    first = E.prepare(p, progress=False)
+    E.train(first, progress=False, stop_after=1)
+    again = E.prepare({**p, "resume": True}, progress=False)
+    E.train(again, progress=False)
+    E.predict_and_save(again, progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert len(history) == 2 and metrics["train_seconds"] == pytest.approx(history["train_seconds"].sum())
