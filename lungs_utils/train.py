@@ -51,11 +51,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is ~1.7x fp32."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(torch.cpu, name, None)  # private probes: absent in some torch builds
+        try:
+            if probe is not None and probe():
+                return True
+        except Exception:  # noqa: BLE001 - a failed probe means "don't rely on it"
+            pass
+    return False
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for a device, or None for fp32.
 
-    ``auto``: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU (bf16 is faster on
-    CPUs with avx512_bf16 but is opt-in until shown not to cost accuracy there).
+    ``auto``: bf16 on CUDA GPUs that support it, fp16 on older ones; on a CPU bf16 where it has bf16
+    instructions (measured on shared/real-dev with params/cpu_small.yaml, two seeds: test macro-F1
+    0.918 / 0.903 in bf16 vs 0.931 / 0.903 in fp32, i.e. within one of 76 images, in 150 s instead of
+    254-280 s), else fp32. ``fp32`` turns autocast off anywhere.
     """
     if precision == "fp32":
         return None
@@ -65,7 +79,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 def make_optimizer(model: nn.Module, params: Mapping[str, Any]) -> torch.optim.Optimizer:

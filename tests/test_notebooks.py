@@ -193,6 +193,10 @@ def test_demo_runs_the_demo_pipeline_and_reports(suite: dict) -> None:
     assert "generated phantom dataset" in demo.stdout
     assert_model_run(out / "demo_simple_cnn", "10_simple_cnn.ipynb", "simple_cnn")
     assert_model_run(out / "demo_resnet_tiny", "15_modern.ipynb", "resnet_tiny")
+    assert_model_run(out / "demo_resnet_tiny_masks", "15_modern.ipynb", "resnet_tiny")
+    assert yaml.safe_load((out / "demo_resnet_tiny_masks" / "params.yaml").read_text())["masks"] == "channel"
+    assert_no_cell_errored(out / "demo_lung_masks" / "05_lung_segmentation.ipynb")
+    assert len(list((out / "demo_lung_masks" / "masks" / "test").glob("img_*.png"))) == 9
     data_run = out / "demo_data"
     assert_no_cell_errored(data_run / "00_data.ipynb")
     for picture in ("class_balance", "samples", "mask_overlays", "intensity_histograms", "split_balance"):
@@ -203,13 +207,14 @@ def test_demo_runs_the_demo_pipeline_and_reports(suite: dict) -> None:
                  "ensemble.json", "params.yaml", "run.json", "plots/members_vs_ensemble.png"):
         assert (ens / name).is_file(), name
     weights = json.loads((ens / "ensemble.json").read_text())["weights"]
-    assert set(weights) == {"demo_simple_cnn", "demo_resnet_tiny"}
+    assert set(weights) == {"demo_simple_cnn", "demo_resnet_tiny", "demo_resnet_tiny_masks"}
     assert_no_cell_errored(out / "demo_leaderboard" / "95_leaderboard.ipynb")
     board = pd.read_csv(out / "leaderboard.csv")
     assert {"demo_simple_cnn", "demo_resnet_tiny", "demo_ensemble"} <= set(board["run"])
     index = out / "report" / "index.html"
     assert f"report: {index}" in demo.stdout and "demo_resnet_tiny" in demo.stdout
-    for name in ("demo_data", "demo_simple_cnn", "demo_resnet_tiny", "demo_ensemble", "demo_leaderboard"):
+    for name in ("demo_data", "demo_lung_masks", "demo_simple_cnn", "demo_resnet_tiny", "demo_resnet_tiny_masks",
+                 "demo_ensemble", "demo_leaderboard"):
         assert (out / "report" / f"{name}.html").stat().st_size > 10_000
         assert f'href="{name}.html"' in index.read_text()
 

@@ -84,9 +84,12 @@ def test_loss_class_weights_and_smoothing() -> None:
     assert T.make_loss(quick(), labels).weight is None
 
 
-def test_precision_by_device() -> None:
+def test_precision_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    assert T.autocast_dtype(cpu, "auto") is None
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
+    assert T.autocast_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
+    assert T.autocast_dtype(cpu, "auto") is None  # emulated bf16 would be slower than fp32
     assert T.autocast_dtype(cpu, "bf16") is torch.bfloat16
     assert T.autocast_dtype(cpu, "fp32") is None
 
