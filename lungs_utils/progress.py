@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -13,7 +14,11 @@ def bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     mode = os.environ.get("LUNGS_PROGRESS", "auto")
     if mode == "off":
         kwargs["disable"] = True
-    if mode == "plain":
+    if mode == "auto" and importlib.util.find_spec("ipywidgets") is None:
+        mode = "text"  # tqdm.auto would warn "IProgress not found" into every notebook
+    if mode in ("off", "text"):
+        from tqdm import tqdm
+    elif mode == "plain":
         from tqdm import tqdm
 
         if kwargs.get("leave") is False:
