@@ -101,12 +101,9 @@ def pick_examples(labels: np.ndarray, per_class: int = 2, seed: int = 0) -> np.n
 def overlay_grid(images: Sequence[np.ndarray | None], cams: Sequence[np.ndarray | None], titles: Sequence[str],
                  cols: int, title: str | None = None, alpha: float = 0.45) -> Figure:
     """Images (H, W) with their heat maps drawn over them, filled row by row (``None`` = empty slot)."""
-    n = len(images)
-    rows = max(1, -(-n // cols))
-    fig = Figure(figsize=(2.0 * cols, 2.2 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes:
-        ax.axis("off")
+    from .plots import image_grid
+
+    fig, axes = image_grid(len(images), cols)
     for ax, img, cam, text in zip(axes, images, cams, titles):
         if img is None:
             continue

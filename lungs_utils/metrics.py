@@ -106,8 +106,9 @@ class MaskOverlap:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.counts = torch.zeros(5, dtype=torch.float64, device=device)
 
-    def update(self, target: torch.Tensor, predicted: torch.Tensor) -> None:
-        """Add a batch of ``(N, 1, H, W)`` binary masks (bool or {0, 1})."""
+    def update(self, target: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """Add a batch of ``(N, 1, H, W)`` binary masks (bool or {0, 1}); returns the batch's per-image
+        Dice ``(N,)`` (two empty masks: 1.0)."""
         t, p = target.flatten(1).bool(), predicted.flatten(1).bool()
         inter = (t & p).sum(dim=1).double()
         n_p, n_t = p.sum(dim=1).double(), t.sum(dim=1).double()
@@ -115,6 +116,7 @@ class MaskOverlap:
         per_image = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
         self.counts += torch.stack([inter.sum(), n_p.sum(), n_t.sum(), per_image.sum(),
                                     torch.tensor(float(len(t)), dtype=torch.float64, device=t.device)])
+        return per_image
 
     def metrics(self) -> dict[str, float]:
         inter, n_p, n_t, dice_sum, n = self.counts.tolist()

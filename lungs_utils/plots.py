@@ -253,6 +253,16 @@ def sns_palette(n: int) -> list:
     return sns.color_palette(n_colors=n)
 
 
+def image_grid(n: int, cols: int, cell: tuple[float, float] = (2.0, 2.2)) -> tuple[Figure, np.ndarray]:
+    """A figure of ``n`` image slots filled row by row, ``cols`` wide, axes off: (figure, flat axes)."""
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(cell[0] * cols, cell[1] * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    return fig, axes
+
+
 def mask_comparison(images: np.ndarray, predicted: np.ndarray, ids: Sequence[int],
                     truth: np.ndarray | None = None, cols: int = 6, title: str | None = None) -> Figure:
     """Images ``(N, H, W)`` with predicted lung masks (red outline) and, when given, the true ones
@@ -260,11 +270,7 @@ def mask_comparison(images: np.ndarray, predicted: np.ndarray, ids: Sequence[int
     from .metrics import dice_iou
 
     n = len(images)
-    rows = max(1, -(-n // cols))
-    fig = Figure(figsize=(1.9 * cols, 2.05 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes:
-        ax.axis("off")
+    fig, axes = image_grid(n, cols, cell=(1.9, 2.05))
     for k, ax in enumerate(axes[:n]):
         ax.imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         text = f"id {ids[k]}"

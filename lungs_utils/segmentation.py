@@ -37,7 +37,7 @@ from . import models, presets
 from .cache import ImageArray, cached_images, probe_size
 from .errors import LungsError
 from .io import atomic_dir, atomic_write_csv, atomic_write_text
-from .metrics import MaskOverlap, dice_iou
+from .metrics import MaskOverlap
 from .params import dump
 from .paths import outputs_dir
 from .train import Task, TrainResult, autocast_dtype, check_resume, fit, select_device
@@ -289,11 +289,12 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
     # Honest score: out-of-fold masks at the data's resolution against the given masks.
     rows = np.searchsorted(exp.data.train.ids, oof_id)  # both sorted by id
     meter = MaskOverlap()
+    oof_dice = np.empty(len(rows))
     for start in range(0, len(rows), 256):
         chunk = slice(start, start + 256)
         truth = torch.from_numpy(np.asarray(exp.data.masks.images[rows[chunk]]))
         pred = torch.from_numpy(binarize(oof_prob[chunk], exp.data.image_size))
-        meter.update(truth.unsqueeze(1) > 127, pred.unsqueeze(1) > 127)
+        oof_dice[chunk] = meter.update(truth.unsqueeze(1) > 127, pred.unsqueeze(1) > 127).numpy()
     oof = meter.metrics()
 
     masks_dir = exp.run_dir / MASKS_DIR
@@ -320,7 +321,7 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
     }
     atomic_write_csv(history(exp), exp.run_dir / "history.csv")
     atomic_write_text(exp.run_dir / "metrics.json", json.dumps(summary, indent=2))
-    exp.outputs = {"metrics": summary, "oof_ids": oof_id, "oof_probs": oof_prob,
+    exp.outputs = {"metrics": summary, "oof_ids": oof_id, "oof_probs": oof_prob, "oof_dice": oof_dice,
                    "test_ids": test_ids if test_prob is not None else np.zeros(0, np.int64),
                    "test_probs": test_prob}
     return summary
@@ -340,17 +341,15 @@ def review(exp: SegExperiment, worst: int = 6, random: int = 6) -> dict[str, np.
     Returns ``images``, ``predicted``, ``truth`` (uint8 at the data's size), ``ids`` and ``dice``,
     ready for :func:`lungs_utils.plots.mask_comparison`. Needs :func:`predict_and_save` first.
     """
-    ids, probs = exp.outputs["oof_ids"], exp.outputs["oof_probs"]
-    rows = np.searchsorted(exp.data.train.ids, ids)
-    predicted = binarize(probs, exp.data.image_size)
-    truth = np.asarray(exp.data.masks.images[rows])
-    dice = np.array([dice_iou(p, t)["dice"] for p, t in zip(predicted, truth)])
+    ids, dice = exp.outputs["oof_ids"], exp.outputs["oof_dice"]  # per-image Dice from predict_and_save
     rng = np.random.default_rng(exp.params["seed"])
     low = np.argsort(dice, kind="stable")[:worst]
     others = np.setdiff1d(np.arange(len(ids)), low)
     pick = np.concatenate([low, rng.choice(others, size=min(random, len(others)), replace=False)])
-    return {"images": np.asarray(exp.data.train.images[rows[pick]]), "predicted": predicted[pick],
-            "truth": truth[pick], "ids": ids[pick], "dice": dice[pick]}
+    rows = np.searchsorted(exp.data.train.ids, ids[pick])
+    return {"images": np.asarray(exp.data.train.images[rows]),
+            "predicted": binarize(exp.outputs["oof_probs"][pick], exp.data.image_size),
+            "truth": np.asarray(exp.data.masks.images[rows]), "ids": ids[pick], "dice": dice[pick]}
 
 
 def test_preview(exp: SegExperiment, n: int = 12) -> dict[str, np.ndarray]:

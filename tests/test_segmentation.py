@@ -230,3 +230,12 @@ def test_lungs_train_runs_a_segmentation_params_file(seg_run, tmp_path: Path,
     code = cli.main(["train", str(recipe), *[a for k, v in overrides.items() for a in ("-p", f"{k}={v}")]])
     assert code == 0 and "out-of-fold Dice" in capsys.readouterr().out
     assert len(list((tmp_path / "masks_run" / "masks" / "test").glob("img_*.png"))) == 9
+
+
+def test_review_shows_the_worst_out_of_fold_masks_with_their_dice(seg_run) -> None:
+    _, exp = seg_run
+    shown = S.review(exp, worst=3, random=2)
+    assert len(shown["ids"]) == 5 and len(set(shown["ids"].tolist())) == 5
+    for pred, truth, dice in zip(shown["predicted"], shown["truth"], shown["dice"]):
+        assert dice == pytest.approx(dice_iou(pred > 127, truth > 127)["dice"])
+    assert shown["dice"][:3].max() <= np.sort(exp.outputs["oof_dice"])[2] + 1e-12
