@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> int:
     from .runner import format_summary, pipeline
 
-    records = pipeline(args.paths, args.param, on_exists=_on_exists(args))
+    records = pipeline(args.paths, args.param, on_exists=_on_exists(args), answers=args.answers)
     print(format_summary(records))
     failed = [r for r in records if not r.ok]
     if failed:
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="several runs in order (folders: their *.yaml, sorted)")
     p.add_argument("paths", nargs="+", type=Path, metavar="DIR_OR_FILE", help="params files or folders")
+    p.add_argument("--answers", type=Path, metavar="TRUTH.csv",
+                   help="score every run's submission against this test answer key (adds test_macro_f1)")
     _add_run_options(p)
     p.set_defaults(func=_pipeline)
 

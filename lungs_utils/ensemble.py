@@ -62,6 +62,9 @@ class EnsembleResult:
     test_frame: pd.DataFrame
     submission: pd.DataFrame
     val_accuracy: float = float("nan")
+    #: Honest check (:func:`crossfit_gain`): does the ensemble beat its best member on images that
+    #: neither its weights nor the choice of "best member" were fitted on?
+    honest: dict[str, Any] | None = None
 
 
 class Aligned(NamedTuple):
@@ -219,6 +222,33 @@ def vote_probs(probs: np.ndarray) -> np.ndarray:
     return (shares + eps * probs.mean(axis=0)) / (1.0 + eps)
 
 
+def _combined(probs: np.ndarray, weights: np.ndarray, method: str) -> np.ndarray:
+    return vote_probs(probs) if method == "vote" else np.tensordot(weights, probs, axes=1)
+
+
+def crossfit_gain(val_probs: np.ndarray, y_true: np.ndarray, method: str, *, rounds: int = DEFAULT_ROUNDS,
+                  repeats: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Ensemble minus best member, both chosen on one stratified half of the validation set and
+    scored on the other (:func:`lungs_utils.decision.stratified_halves`).
+
+    On the full validation set a ``weighted`` ensemble is flattered by its fitted weights, and "the best
+    member" by being picked on the very images it is scored on; here neither is. Returns the mean
+    ``gain`` (macro-F1), its spread ``gain_std``, and the mean scores ``ensemble`` / ``best_member``.
+    """
+    from .decision import stratified_halves
+
+    ens, best = [], []
+    for fit, score in stratified_halves(y_true, repeats, seed):
+        own = [macro_f1(y_true[fit], p[fit].argmax(axis=1)) for p in val_probs]
+        weights = (greedy_weights(val_probs[:, fit], y_true[fit], rounds) if method == "weighted"
+                   else np.full(len(val_probs), 1.0 / len(val_probs)))
+        ens.append(macro_f1(y_true[score], _combined(val_probs[:, score], weights, method).argmax(axis=1)))
+        best.append(macro_f1(y_true[score], val_probs[int(np.argmax(own)), score].argmax(axis=1)))
+    gains = np.array(ens) - np.array(best)
+    return {"gain": float(gains.mean()), "gain_std": float(gains.std()), "ensemble": float(np.mean(ens)),
+            "best_member": float(np.mean(best)), "repeats": repeats}
+
+
 def combine(members: Sequence[Member], method: str = "weighted", *, rounds: int = DEFAULT_ROUNDS
             ) -> EnsembleResult:
     """Combine runs' predictions with ``mean``, ``weighted`` (Caruana selection) or ``vote``.
@@ -239,11 +269,8 @@ def combine(members: Sequence[Member], method: str = "weighted", *, rounds: int 
         weights = greedy_weights(data.val_probs, data.y_true, rounds)
     else:
         weights = np.full(n_members, 1.0 / n_members)
-    if method == "vote":
-        val_probs, test_probs = vote_probs(data.val_probs), vote_probs(data.test_probs)
-    else:
-        val_probs = np.tensordot(weights, data.val_probs, axes=1)
-        test_probs = np.tensordot(weights, data.test_probs, axes=1)
+    val_probs = _combined(data.val_probs, weights, method)
+    test_probs = _combined(data.test_probs, weights, method)
     val = val_frame(data.val_ids, data.y_true, val_probs)
     members_f1 = {m.name: macro_f1(data.y_true, data.val_probs[i].argmax(axis=1))
                   for i, m in enumerate(members)}
@@ -256,6 +283,7 @@ def combine(members: Sequence[Member], method: str = "weighted", *, rounds: int 
         test_frame=test_frame(data.test_ids, test_probs),
         submission=submission_frame(data.test_ids, test_probs),
         val_accuracy=float((val["true"] == val["predicted"]).mean()),
+        honest=crossfit_gain(data.val_probs, data.y_true, method, rounds=rounds) if n_members > 1 else None,
     )
 
 
@@ -278,6 +306,7 @@ def write_ensemble(result: EnsembleResult, out_dir: str | os.PathLike[str]) -> d
         "val_macro_f1": result.val_f1,
         "val_accuracy": result.val_accuracy,
         "note": OPTIMISM_NOTE if result.method == "weighted" else "",
+        "crossfit_vs_best_member": result.honest,
     }
     y_true, y_pred = result.val_frame["true"].to_numpy(), result.val_frame["predicted"].to_numpy()
     per_class = f1_score(y_true, y_pred, labels=list(range(NUM_CLASSES)), average=None, zero_division=0)
@@ -288,6 +317,7 @@ def write_ensemble(result: EnsembleResult, out_dir: str | os.PathLike[str]) -> d
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(NUM_CLASSES))).tolist(),
         "ensemble_method": result.method,
         "optimistic": result.method == "weighted",
+        "crossfit_gain_vs_best_member": result.honest["gain"] if result.honest else None,
     }
     for name, payload in (("ensemble.json", summary), ("metrics.json", metrics)):
         atomic_write_text(out_dir / name, _json(payload))

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import data as data_mod
-from . import models, predict
+from . import decision, models, predict
 from .errors import LungsError
 from .io import atomic_write_csv, atomic_write_text
 from .params import dump
@@ -104,7 +104,8 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
     p = exp.params
     device = select_device(p["device"])
     kwargs = dict(image_size=p["image_size"], device=device, batch_size=max(64, p["batch_size"]),
-                  tta=p["tta"], channels_last=p["channels_last"], masks=p["masks"],
+                  tta=p["tta"], channels_last=p["channels_last"], masks=p["masks"], histeq=p["histeq"],
+                  flip=p["hflip"] > 0,
                   autocast_dtype=autocast_dtype(device, p["precision"]), progress=progress)
     t0 = time.perf_counter()
     val_ids, val_probs = predict.predict_proba(exp.model, exp.val, **kwargs)
@@ -114,6 +115,7 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
     val_frame = predict.val_frame(val_ids, val_true, val_probs)
     test_frame = predict.test_frame(test_ids, test_probs) if len(test_ids) else None
     metrics = classification_metrics(val_true, val_probs.argmax(axis=1))
+    tuned = decision.tune(val_probs, val_true, seed=p["seed"]) if p["tune_decision"] and len(val_ids) else None
     result = exp.result
     summary = {
         "run_name": p["run_name"], "model": p["model"],
@@ -129,9 +131,13 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
         else None,
         "predict_seconds": seconds,
         "synthetic_data": exp.data.synthetic,
+        "decision": tuned,
     }
+    submission = None
+    if tuned is not None and test_frame is not None:
+        submission = predict.submission_frame(test_ids, decision.apply_offsets(test_probs, tuned["offsets"]))
     if _is_main_process():
-        predict.write_predictions(exp.run_dir, val=val_frame, test=test_frame)
+        predict.write_predictions(exp.run_dir, val=val_frame, test=test_frame, submission=submission)
         atomic_write_text(exp.run_dir / "metrics.json", json.dumps(summary, indent=2))
     exp.outputs = {"metrics": summary, "val": val_frame, "test": test_frame}
     return summary

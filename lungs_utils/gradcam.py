@@ -131,7 +131,8 @@ def examples(model: nn.Module, dataset: torch.utils.data.Dataset, params: Mappin
     items = [dataset[int(i)] for i in picks]
     batch = torch.stack([x for x, _, _ in items])
     device = next(model.parameters()).device
-    x = to_input(batch.to(device), params["image_size"], masks=params.get("masks", "channel"))
+    x = to_input(batch.to(device), params["image_size"], masks=params.get("masks", "channel"),
+                 histeq=params.get("histeq", False))
     layer = layer if layer is not None else TARGET_LAYERS.get(params.get("model", ""))
     cams, probs, name = gradcam(model, x, layer=layer)
     shown = x[:, 0].detach().cpu().numpy()  # the network's view: resized, normalised

@@ -48,6 +48,9 @@ SCHEMA: dict[str, Spec] = {
     "output_dir": _s(str, None, "run folder (null = outputs/<run_name>)", nullable=True),
     # --- data ------------------------------------------------------------------------------------
     "image_size": _s(int, 256, "side of the square network input, pixels", minimum=16, maximum=1024),
+    "start_size": _s(int, None, "progressive resizing: train the first epochs at this side, growing to "
+                     "image_size over the first 70 % of the epochs (null = off); validation and test always "
+                     "use image_size", nullable=True, minimum=16, maximum=1024),
     "val_fraction": _s(float, 0.2, "stratified validation share", minimum=0.01, maximum=0.9),
     "folds": _s(int, None, "k for k-fold assignment (null = single split)", nullable=True, minimum=2),
     "fold": _s(int, 0, "which fold is validation when folds is set", minimum=0),
@@ -55,11 +58,15 @@ SCHEMA: dict[str, Spec] = {
                 minimum=3),
     "cache_dir": _s(str, None, "decoded-image cache folder (null = data/cache)", nullable=True),
     "num_workers": _s(int, 0, "DataLoader worker processes", minimum=0),
+    "histeq": _s(bool, False, "equalise each radiograph's histogram before anything else (evens out "
+                 "exposure and contrast between X-ray machines; train, validation and test alike)"),
     "masks": _s(str, "none", "lung masks for a classifier: none, multiply (image x mask), crop (to the "
                 "lungs' box) or channel (2nd input channel); train uses given masks, val/test predicted "
                 "ones from mask_run", choices=MASK_MODES),
     "mask_run": _s(str, None, "segmentation run (name under outputs/ or folder) whose predicted masks "
                    "are used when masks is not none", nullable=True),
+    "postprocess": _s(bool, True, "segmentation: clean predicted masks (two largest regions, holes filled; "
+                      "an implausible mask is dropped, so classifiers use that image whole)"),
     # --- model and training ----------------------------------------------------------------------
     "model": _s(str, "simple_cnn", "architecture name from lungs_utils.models.names()"),
     "epochs": _s(int, 3, "training epochs", minimum=0),
@@ -94,12 +101,17 @@ SCHEMA: dict[str, Spec] = {
     "equalize": _s(float, 0.0, "histogram-equalize probability", minimum=0.0, maximum=1.0),
     "sharpness": _s(float, 0.0, "random-sharpness probability", minimum=0.0, maximum=1.0),
     "invert": _s(float, 0.0, "invert probability", minimum=0.0, maximum=1.0),
+    "frame": _s(float, 0.0, "probability of shrinking the film (to 55-90 % of the side) into a black frame "
+                "at a random place, as small radiographs scanned on a larger film look", minimum=0.0,
+                maximum=1.0),
     "crop_scale": _s(float, None, "random resized crop min area (null = off)", nullable=True,
                      minimum=0.05, maximum=1.0),
     "mixup": _s(float, 0.0, "mixup alpha (0 = off)", minimum=0.0),
     "cutmix": _s(float, 0.0, "cutmix alpha (0 = off)", minimum=0.0),
     # --- prediction ------------------------------------------------------------------------------
     "tta": _s(bool, False, "test-time augmentation (flip + scale shifts)"),
+    "tune_decision": _s(bool, False, "shift the class boundaries to maximise validation macro-F1 (per-class "
+                        "offsets; the cross-fitted gain is reported) and use them for the submission"),
     # --- ensemble / leaderboard notebooks ---------------------------------------------------------
     "runs": _s(list, [], "run folders or run names to combine"),
     "ensemble_method": _s(str, "weighted", "ensemble method", choices=("mean", "weighted", "vote")),

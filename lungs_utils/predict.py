@@ -86,13 +86,16 @@ TTA_VIEWS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
 def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, image_size: int,
                   device: torch.device | str = "cpu", batch_size: int = 128, tta: bool = False,
                   channels_last: bool = False, autocast_dtype: torch.dtype | None = None,
-                  progress: bool = False, masks: str = "channel") -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, masks: str = "channel", histeq: bool = False, flip: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities for every item of ``dataset`` (items ``(uint8 (C,H,W), label, id)``).
 
     Returns ``(ids int64 (N,), probs float32 (N, classes))`` in dataset order. The model must already
     be on ``device`` (and in channels_last format if ``channels_last``, for the speed-up). With ``tta``
-    the probabilities are averaged over :data:`TTA_VIEWS`. A lung-mask channel in the items is used
-    as ``masks`` says (the run's params key). The model's train/eval modes are restored.
+    the probabilities are averaged over :data:`TTA_VIEWS` (without the mirrored view when ``flip`` is
+    false: a model trained without flips never saw a mirrored chest). A lung-mask channel in the items is used
+    as ``masks`` says (the run's params key); ``histeq`` equalises the radiographs first, as in
+    training. The model's train/eval modes are restored.
     """
     from .progress import bar
 
@@ -101,7 +104,7 @@ def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, 
     if param is not None and param.device.type != device.type:
         raise LungsError(f"the model is on {param.device} but prediction was asked on {device}; "
                          f"move it first with model.to({str(device)!r})")
-    views = TTA_VIEWS if tta else (view_identity,)
+    views = tuple(v for v in TTA_VIEWS if flip or v is not view_hflip) if tta else (view_identity,)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     # Per-module modes, so a deliberately frozen submodule (e.g. eval-mode BatchNorm) stays as it was.
     modes = [(m, m.training) for m in model.modules()]
@@ -114,7 +117,7 @@ def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, 
         with torch.inference_mode(), autocast:
             for x, _, ids in bar(loader, desc="predict", disable=not progress, leave=False):
                 # uint8 crosses the bus (4x smaller than float), then becomes the network input there.
-                x = to_input(x.to(device, non_blocking=True), image_size, masks=masks)
+                x = to_input(x.to(device, non_blocking=True), image_size, masks=masks, histeq=histeq)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 probs = sum(torch.softmax(model(view(x)).float(), dim=1) for view in views)

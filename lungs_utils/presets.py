@@ -26,12 +26,24 @@ from .params import MASK_MODES
 MEAN, STD = 0.514, 0.225
 
 
-def to_input(x: torch.Tensor, image_size: int | None = None, masks: str = "channel") -> torch.Tensor:
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Histogram-equalise the radiograph (channel 0) of a uint8 batch ``(N, C, H, W)``; a mask channel
+    is left alone."""
+    if x.shape[1] == 1:
+        return TF.equalize(x)
+    return torch.cat([TF.equalize(x[:, :1].contiguous()), x[:, 1:]], dim=1)
+
+
+def to_input(x: torch.Tensor, image_size: int | None = None, masks: str = "channel",
+             histeq: bool = False) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` → float32 network input at ``image_size``.
 
-    Channel 0 is the radiograph, normalised with the dataset's mean/std; a second channel, if present,
-    is a lung mask, used as ``masks`` says (:func:`apply_masks`; the default keeps it as a {0, 1} channel).
+    Channel 0 is the radiograph (histogram-equalised first with ``histeq``), normalised with the
+    dataset's mean/std; a second channel, if present, is a lung mask, used as ``masks`` says
+    (:func:`apply_masks`; the default keeps it as a {0, 1} channel).
     """
+    if histeq:
+        x = equalize(x)
     x = apply_masks(x.float().div_(255.0), masks, image_size)
     if image_size is not None and x.shape[-2:] != (image_size, image_size):
         x = resize(x, image_size)
@@ -95,6 +107,10 @@ def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
                          antialias=True)
 
 
+#: Side of a "framed" film (``frame`` augmentation) as a share of the image side: smallest, largest.
+FRAME_ZOOM = (0.55, 0.9)
+
+
 class BatchAugment:
     """Per-sample random augmentation of a float batch in [0, 1] (before normalisation).
 
@@ -120,7 +136,7 @@ class BatchAugment:
 
     def geometry(self, x: torch.Tensor) -> torch.Tensor:
         n, dev, p = x.shape[0], x.device, self.p
-        if not (p["rotate"] or p["translate"] or p["scale"] or p["crop_scale"]):
+        if not (p["rotate"] or p["translate"] or p["scale"] or p["crop_scale"] or p["frame"]):
             if not p["hflip"]:
                 return x
             # A flip alone moves pixels exactly: no resampling needed (several times cheaper).
@@ -140,6 +156,17 @@ class BatchAugment:
             sy = sy * torch.sqrt(area / ratio).clamp(max=1.0)
             tx = tx + (1 - sx) * self._uniform(n, -1, 1, dev)
             ty = ty + (1 - sy) * self._uniform(n, -1, 1, dev)
+        framed = None
+        if p["frame"]:
+            # A small film inside a black frame (real radiographs often are): zoom out to z of the
+            # side, anywhere the whole film stays in view; black (not edge pixels) around it.
+            framed = self._rand(n, dev) < p["frame"]
+            z = self._uniform(n, *FRAME_ZOOM, dev)
+            room = (1 - z) / z
+            sx = torch.where(framed, 1 / z, sx)
+            sy = torch.where(framed, 1 / z, sy)
+            tx = torch.where(framed, room * self._uniform(n, -1, 1, dev), tx)
+            ty = torch.where(framed, room * self._uniform(n, -1, 1, dev), ty)
         flip = torch.where(self._rand(n, dev) < p["hflip"], -1.0, 1.0)
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack([
@@ -150,6 +177,9 @@ class BatchAugment:
         # channels_last takes grid_sample's faster CPU kernel (same memory for one channel).
         out = F.grid_sample(x.contiguous(memory_format=torch.channels_last), grid, mode="bilinear",
                             padding_mode="border", align_corners=False)
+        if framed is not None:
+            inside = (grid.abs() <= 1).all(dim=-1).unsqueeze(1)  # (N, 1, H, W): on the film
+            out = torch.where(framed.view(n, 1, 1, 1) & ~inside, torch.zeros((), dtype=out.dtype, device=dev), out)
         if x.shape[1] > 1:
             out[:, 1:] = (out[:, 1:] > 0.5).to(out.dtype)
         return out
@@ -233,6 +263,8 @@ def train_batch(x: torch.Tensor, params: Mapping[str, Any], generator: torch.Gen
     A mask channel is used as ``masks`` (default ``params['masks']``) says, before augmentation; kept
     as a channel, it follows the geometry but not the photometry.
     """
+    if params["histeq"]:
+        x = equalize(x)
     x = apply_masks(x.float().div_(255.0), masks or params["masks"], params["image_size"])
     if x.shape[-2:] != (params["image_size"],) * 2:
         x = resize(x, params["image_size"])
@@ -254,6 +286,11 @@ def item_transform(params: Mapping[str, Any]) -> v2.Compose:
     if params["rotate"] or params["translate"] or params["scale"]:
         steps.append(v2.RandomAffine(params["rotate"], translate=(params["translate"],) * 2,
                                      scale=(1 - params["scale"], 1 + params["scale"])))
+    if params["frame"]:
+        # Film shrunk into a black frame (fill 0), placed anywhere it fits.
+        room = 1 - FRAME_ZOOM[1]
+        steps.append(v2.RandomApply([v2.RandomAffine(0, translate=(room, room), scale=FRAME_ZOOM, fill=0)],
+                                    p=params["frame"]))
     if params["brightness"] or params["contrast"]:
         steps.append(v2.ColorJitter(brightness=params["brightness"], contrast=params["contrast"]))
     if params["equalize"]:

@@ -95,6 +95,43 @@ def ensemble_table(result: Any) -> pd.DataFrame:
     return frame.round(4)
 
 
+def decision_summary(summary: Mapping[str, Any]) -> str:
+    """What ``tune_decision`` did in a run (its ``metrics.json``), in one or two sentences; "" when off."""
+    tuned = summary.get("decision")
+    if not tuned:
+        return ""
+    cf = tuned["crossfit"]
+    offsets = ", ".join(f"{v:+.2f}" for v in tuned["offsets"])
+    verdict = ("worth keeping" if cf["gain"] > cf["gain_std"] else
+               "within the noise: consider tune_decision: false" if cf["gain"] > 0 else
+               "it does not pay here: set tune_decision: false")
+    return (f"Decision offsets (log-probability, per class) {offsets} are used for the submission. Cross-fitted "
+            f"on the validation set they change macro-F1 by {cf['gain']:+.4f} ± {cf['gain_std']:.4f} "
+            f"({cf['plain']:.4f} → {cf['tuned']:.4f}): {verdict}.")
+
+
+def ensemble_verdict(result: Any) -> str:
+    """One plain sentence: does the ensemble beat its best member? Judged by the cross-fitted check
+    (:func:`lungs_utils.ensemble.crossfit_gain`), not by the full-set scores (which flatter fitted
+    weights and the pick of the best member)."""
+    best, best_f1 = max(result.members_f1.items(), key=lambda kv: kv[1])
+    plain = (f"On the whole validation set: ensemble {result.val_f1:.4f}, best member {best} {best_f1:.4f}"
+             + (" (fitted weights: optimistic)." if result.method == "weighted" else "."))
+    honest = result.honest
+    if not honest:
+        return f"One member only: nothing to compare. {plain}"
+    gain, spread = honest["gain"], honest["gain_std"]
+    figure = (f"cross-fitted gain {gain:+.4f} ± {spread:.4f} macro-F1 (weights and best member chosen on "
+              f"one half of the validation set, scored on the other, {honest['repeats']} random halvings)")
+    if gain <= 0:
+        return (f"The ensemble does NOT beat its best member: {figure}. Submit {best}'s own submission, or add "
+                f"members that err differently (another architecture, resolution or mask mode). {plain}")
+    if gain < spread:
+        return (f"The ensemble beats its best member only within the noise: {figure}; the Kaggle score will "
+                f"tell. {plain}")
+    return f"The ensemble beats its best member: {figure}. {plain}"
+
+
 def ensemble_metrics(result: Any) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class metrics and confusion matrix of an ensemble's validation predictions."""
     from .metrics import classification_metrics

@@ -58,6 +58,7 @@ class RunRecord:
     seconds: float = 0.0
     val_macro_f1: float | None = None
     error: str | None = None
+    test_macro_f1: float | None = None  # scored against a truth file (``lungs pipeline --answers``)
 
     @property
     def ok(self) -> bool:
@@ -441,16 +442,21 @@ def run(params_file: str | os.PathLike[str] | None, overrides: Overrides = (), *
 
 
 def pipeline(paths: Sequence[str | os.PathLike[str]], overrides: Overrides = (), *, on_exists: str = "error",
-             echo: bool = True) -> list[RunRecord]:
+             echo: bool = True, answers: str | os.PathLike[str] | None = None) -> list[RunRecord]:
     """Run several params files in order (folders expand to their sorted ``*.yaml``).
 
     A failing run is reported (with its executed notebook) and the rest still run. Overrides apply
-    to every run (e.g. ``epochs=1`` for a smoke test).
+    to every run (e.g. ``epochs=1`` for a smoke test). With ``answers`` (a truth file
+    ``id,target_feature`` for the test images, e.g. a held-out set's answer key), every run's
+    ``submission.csv`` is scored too (``test_macro_f1``).
     """
+    from .predict import score_submission, validate_submission
     from .progress import bar
 
     files = expand(paths)
     fixed = dict(overrides) if isinstance(overrides, Mapping) else params_mod.parse_overrides(overrides)
+    if answers is not None:
+        validate_submission(answers)  # a bad truth file fails before hours of training, not after
     records: list[RunRecord] = []
     with bar(total=len(files), desc="pipeline", unit="run", disable=not echo) as progress:
         for path in files:
@@ -459,6 +465,12 @@ def pipeline(paths: Sequence[str | os.PathLike[str]], overrides: Overrides = (),
                 record = execute(path, fixed, on_exists=on_exists)
             except LungsError as exc:
                 record = RunRecord(path.stem, path, None, None, "failed", error=str(exc))
+            submission = record.run_dir / "submission.csv" if record.run_dir is not None else None
+            if answers is not None and record.ok and submission is not None and submission.is_file():
+                try:
+                    record.test_macro_f1 = score_submission(submission, answers)["macro_f1"]
+                except LungsError as exc:  # e.g. a truth file of another test set: say so, keep going
+                    progress.write(f"cannot score {record.name}: {exc}", file=sys.stderr)
             records.append(record)
             if echo and not record.ok:
                 progress.write(f"FAILED {path}: {record.error}", file=sys.stderr)
@@ -467,19 +479,23 @@ def pipeline(paths: Sequence[str | os.PathLike[str]], overrides: Overrides = (),
 
 
 def summary_table(records: Sequence[RunRecord]) -> pd.DataFrame:
-    """One row per run: run, status, val macro-F1, minutes, executed notebook."""
-    return pd.DataFrame({
+    """One row per run: run, status, val macro-F1 (and test macro-F1 when scored), minutes, executed notebook."""
+    columns: dict[str, list[Any]] = {
         "run": [r.name for r in records],
         "status": [r.status for r in records],
         "val_macro_f1": [r.val_macro_f1 for r in records],
-        "minutes": [round(r.seconds / 60, 2) for r in records],
-        "notebook": [str(r.notebook) if r.notebook else "-" for r in records],
-    })
+    }
+    if any(r.test_macro_f1 is not None for r in records):
+        columns["test_macro_f1"] = [r.test_macro_f1 for r in records]
+    columns["minutes"] = [round(r.seconds / 60, 2) for r in records]
+    columns["notebook"] = [str(r.notebook) if r.notebook else "-" for r in records]
+    return pd.DataFrame(columns)
 
 
 def format_summary(records: Sequence[RunRecord]) -> str:
     """:func:`summary_table` as aligned text (F1 with 4 decimals, '-' where there is none)."""
     table = summary_table(records)
-    table["val_macro_f1"] = [f"{v:.4f}" if v is not None and not pd.isna(v) else "-"
-                             for v in table["val_macro_f1"]]
+    for column in ("val_macro_f1", "test_macro_f1"):
+        if column in table:
+            table[column] = [f"{v:.4f}" if v is not None and not pd.isna(v) else "-" for v in table[column]]
     return table.to_string(index=False)

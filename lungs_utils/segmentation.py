@@ -88,7 +88,7 @@ class Segmentation(Task):
         return self._split(presets.train_batch(x, params, generator, masks="channel"))
 
     def eval_inputs(self, x, y, params):
-        return self._split(presets.to_input(x, params["image_size"], masks="channel"))
+        return self._split(presets.to_input(x, params["image_size"], masks="channel", histeq=params["histeq"]))
 
     def meter(self, device: torch.device) -> MaskOverlap:
         return MaskOverlap(device)
@@ -118,8 +118,8 @@ def build_model(name: str) -> nn.Module:
 @torch.inference_mode()
 def predict_masks(model: nn.Module, dataset: torch.utils.data.Dataset, *, image_size: int,
                   device: torch.device | str = "cpu", batch_size: int = 64, tta: bool = False,
-                  channels_last: bool = False, autocast_dtype: torch.dtype | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  channels_last: bool = False, autocast_dtype: torch.dtype | None = None,
+                  histeq: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Lung probabilities at ``image_size`` for every item: ``(ids (N,), float16 (N, S, S))``.
 
     Only the image channel of the items is used (a given mask is never an input). With ``tta`` the
@@ -132,7 +132,7 @@ def predict_masks(model: nn.Module, dataset: torch.utils.data.Dataset, *, image_
     ids, probs = [], []
     try:
         for x, _, batch_ids in loader:
-            x = presets.to_input(x[:, :1].to(device, non_blocking=True), image_size)
+            x = presets.to_input(x[:, :1].to(device, non_blocking=True), image_size, histeq=histeq)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
@@ -149,28 +149,78 @@ def predict_masks(model: nn.Module, dataset: torch.utils.data.Dataset, *, image_
     return np.concatenate(ids), np.concatenate(probs)
 
 
-def binarize(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Probabilities ``(N, s, s)`` → uint8 masks ``(N, H, W)`` in {0, 255} at ``size`` (bilinear, 0.5)."""
+def binarize(probs: np.ndarray, size: tuple[int, int], clean: bool = False) -> np.ndarray:
+    """Probabilities ``(N, s, s)`` → uint8 masks ``(N, H, W)`` in {0, 255} at ``size`` (bilinear, 0.5);
+    with ``clean``, post-processed by :func:`clean_masks`."""
     out = np.empty((len(probs), *size), dtype=np.uint8)
     for start in range(0, len(probs), 256):
         p = torch.from_numpy(probs[start:start + 256].astype(np.float32)).unsqueeze(1)
         if p.shape[-2:] != size:
             p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
         out[start:start + len(p)] = ((p[:, 0] > THRESHOLD).to(torch.uint8) * 255).numpy()
-    return out
+    return clean_masks(out)[0] if clean else out
+
+
+#: Plausible lung area, as a share of the image: outside it a cleaned mask is dropped (the given masks
+#: of COVID-QU-Ex span 4.5 % for a small film in a black frame to 47 % for a film filled by the chest).
+MASK_AREA = (0.02, 0.65)
+#: The lungs' centre (of their bounding box) lies in this central band of the image, both ways.
+MASK_CENTRE = (0.2, 0.8)
+#: A second region is kept only if it has at least this share of the largest one's area.
+SECOND_REGION = 0.1
+
+
+def clean_mask(mask: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Post-process one binary mask ``(H, W)``: keep the two largest connected regions (the lungs; a
+    second one only if it is not a speck), fill holes; reject (empty mask) an implausible result.
+
+    Returns ``(mask, kept)``; ``mask`` is bool. A rejected mask is empty, which classifiers read as
+    "no usable mask" and use the whole image (:data:`lungs_utils.presets.MIN_MASK_AREA`), rather
+    than blanking or cropping to a blob outside the chest.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask) > 0
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return mask, False
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(sizes)[::-1][:2]
+    keep = [order[0] + 1] + [k + 1 for k in order[1:] if sizes[k] >= SECOND_REGION * sizes[order[0]]]
+    out = np.zeros_like(mask)
+    for k in keep:  # holes filled region by region: the space between the lungs is not a hole
+        out |= ndimage.binary_fill_holes(labels == k)
+    h, w = out.shape
+    area = out.mean()
+    rows, cols = np.flatnonzero(out.any(axis=1)), np.flatnonzero(out.any(axis=0))
+    cy, cx = (rows[0] + rows[-1] + 1) / 2 / h, (cols[0] + cols[-1] + 1) / 2 / w
+    plausible = (MASK_AREA[0] <= area <= MASK_AREA[1]
+                 and all(MASK_CENTRE[0] <= c <= MASK_CENTRE[1] for c in (cy, cx)))
+    return (out if plausible else np.zeros_like(out)), bool(plausible)
+
+
+def clean_masks(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`clean_mask` over a stack ``(N, H, W)`` of uint8 {0, 255} masks; returns the cleaned
+    stack (same dtype and encoding) and the ``(N,)`` bool array of masks kept."""
+    out = np.empty_like(masks)
+    kept = np.empty(len(masks), dtype=bool)
+    for i, m in enumerate(masks):
+        cleaned, kept[i] = clean_mask(m)
+        out[i] = cleaned.astype(masks.dtype) * 255
+    return out, kept
 
 
 def write_masks(folder: str | os.PathLike[str], ids: np.ndarray, probs: np.ndarray,
-                sizes: Mapping[int, tuple[int, int]]) -> Path:
-    """Write ``img_<id>.png`` (0 / 255, at ``sizes[id]`` = (H, W)) for every id, as one set that
-    replaces ``folder`` only when complete (:func:`lungs_utils.io.atomic_dir`)."""
+                sizes: Mapping[int, tuple[int, int]], clean: bool = False) -> Path:
+    """Write ``img_<id>.png`` (0 / 255, at ``sizes[id]`` = (H, W); ``clean``: post-processed) for every
+    id, as one set that replaces ``folder`` only when complete (:func:`lungs_utils.io.atomic_dir`)."""
     folder = Path(folder)
     by_size: dict[tuple[int, int], list[int]] = {}
     for row, image_id in enumerate(ids):
         by_size.setdefault(tuple(sizes[int(image_id)]), []).append(row)
     with atomic_dir(folder) as tmp:
         for size, rows in by_size.items():
-            for row, mask in zip(rows, binarize(probs[rows], size)):
+            for row, mask in zip(rows, binarize(probs[rows], size, clean)):
                 Image.fromarray(mask, mode="L").save(tmp / f"img_{int(ids[row])}.png")
     return folder
 
@@ -265,7 +315,7 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
     p = exp.params
     device = select_device(p["device"])
     kwargs = dict(image_size=p["image_size"], device=device, batch_size=max(64, p["batch_size"]),
-                  tta=p["tta"], channels_last=p["channels_last"],
+                  tta=p["tta"], channels_last=p["channels_last"], histeq=p["histeq"],
                   autocast_dtype=autocast_dtype(device, p["precision"]))
     t0 = time.perf_counter()
     oof_ids, oof_probs = [], []
@@ -286,22 +336,32 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
     test_prob = (test_sum / len(exp.models)).astype(np.float16) if test_sum is not None else None
     seconds = time.perf_counter() - t0
 
-    # Honest score: out-of-fold masks at the data's resolution against the given masks.
+    # Honest score: out-of-fold masks at the data's resolution against the given masks, before and
+    # after post-processing (what the written masks are worth, and what the cleaning bought).
+    clean = p["postprocess"]
     rows = np.searchsorted(exp.data.train.ids, oof_id)  # both sorted by id
-    meter = MaskOverlap()
+    meter, raw_meter = MaskOverlap(), MaskOverlap()
     oof_dice = np.empty(len(rows))
+    oof_kept = np.ones(len(rows), dtype=bool)
     for start in range(0, len(rows), 256):
         chunk = slice(start, start + 256)
-        truth = torch.from_numpy(np.asarray(exp.data.masks.images[rows[chunk]]))
-        pred = torch.from_numpy(binarize(oof_prob[chunk], exp.data.image_size))
-        oof_dice[chunk] = meter.update(truth.unsqueeze(1) > 127, pred.unsqueeze(1) > 127).numpy()
-    oof = meter.metrics()
+        truth = torch.from_numpy(np.asarray(exp.data.masks.images[rows[chunk]])).unsqueeze(1) > 127
+        pred = binarize(oof_prob[chunk], exp.data.image_size)
+        raw_meter.update(truth, torch.from_numpy(pred).unsqueeze(1) > 127)
+        if clean:
+            pred, oof_kept[chunk] = clean_masks(pred)
+        oof_dice[chunk] = meter.update(truth, torch.from_numpy(pred).unsqueeze(1) > 127).numpy()
+    oof, raw = meter.metrics(), raw_meter.metrics()
 
     masks_dir = exp.run_dir / MASKS_DIR
     root = exp.data.data_dir
-    write_masks(masks_dir / OOF_MASKS, oof_id, oof_prob, _sizes(root / data_mod.TRAIN_IMAGES, oof_id))
+    write_masks(masks_dir / OOF_MASKS, oof_id, oof_prob, _sizes(root / data_mod.TRAIN_IMAGES, oof_id), clean)
+    test_rejected = 0
     if test_prob is not None and len(test_ids):
-        write_masks(masks_dir / TEST_MASKS, test_ids, test_prob, _sizes(root / data_mod.TEST_IMAGES, test_ids))
+        write_masks(masks_dir / TEST_MASKS, test_ids, test_prob, _sizes(root / data_mod.TEST_IMAGES, test_ids),
+                    clean)
+        if clean:
+            test_rejected = int((~clean_masks(binarize(test_prob, exp.data.image_size))[1]).sum())
     else:
         (masks_dir / TEST_MASKS).mkdir(parents=True, exist_ok=True)
     results = [r for r in exp.results if r is not None]
@@ -310,6 +370,10 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
     summary = {
         "run_name": p["run_name"], "model": p["model"], "task": "segmentation",
         "val_dice": oof["dice"], "val_iou": oof["iou"], "val_mean_dice": oof["mean_dice"],
+        "val_dice_p5": float(np.percentile(oof_dice, 5)) if len(oof_dice) else None,
+        "val_dice_min": float(oof_dice.min()) if len(oof_dice) else None,
+        "postprocess": clean, "raw_val_dice": raw["dice"], "raw_val_mean_dice": raw["mean_dice"],
+        "oof_rejected": int((~oof_kept).sum()), "test_rejected": test_rejected,
         "n_oof": int(len(oof_id)), "n_test": int(len(test_ids)) if test_prob is not None else 0,
         "folds": [{"fold": k, "best_epoch": r.best_epoch, **{f"val_{m}": r.best_metrics.get(m)
                    for m in ("dice", "iou", "mean_dice")}} for k, r in enumerate(results)],
@@ -322,6 +386,7 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
     atomic_write_csv(history(exp), exp.run_dir / "history.csv")
     atomic_write_text(exp.run_dir / "metrics.json", json.dumps(summary, indent=2))
     exp.outputs = {"metrics": summary, "oof_ids": oof_id, "oof_probs": oof_prob, "oof_dice": oof_dice,
+                   "oof_kept": oof_kept,
                    "test_ids": test_ids if test_prob is not None else np.zeros(0, np.int64),
                    "test_probs": test_prob}
     return summary
@@ -348,7 +413,7 @@ def review(exp: SegExperiment, worst: int = 6, random: int = 6) -> dict[str, np.
     pick = np.concatenate([low, rng.choice(others, size=min(random, len(others)), replace=False)])
     rows = np.searchsorted(exp.data.train.ids, ids[pick])
     return {"images": np.asarray(exp.data.train.images[rows]),
-            "predicted": binarize(exp.outputs["oof_probs"][pick], exp.data.image_size),
+            "predicted": binarize(exp.outputs["oof_probs"][pick], exp.data.image_size, exp.params["postprocess"]),
             "truth": np.asarray(exp.data.masks.images[rows]), "ids": ids[pick], "dice": dice[pick]}
 
 
@@ -356,7 +421,7 @@ def test_preview(exp: SegExperiment, n: int = 12) -> dict[str, np.ndarray]:
     """The first ``n`` test images with their predicted masks (for a picture)."""
     ids, probs = exp.outputs["test_ids"][:n], exp.outputs["test_probs"]
     return {"images": np.asarray(exp.data.test.images[:len(ids)]),
-            "predicted": binarize(probs[:len(ids)], exp.data.image_size), "ids": ids}
+            "predicted": binarize(probs[:len(ids)], exp.data.image_size, exp.params["postprocess"]), "ids": ids}
 
 
 # ------------------------------------------------------------------------------------------------ using masks

@@ -117,6 +117,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, params: Mapping[str, Any], 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
+#: Progressive resizing reaches the full ``image_size`` after this share of the epochs.
+RAMP_SHARE = 0.7
+#: Training sizes are multiples of this (few distinct shapes: kernels and caches are reused).
+SIZE_STEP = 16
+
+
+def train_size(params: Mapping[str, Any], epoch: int) -> int:
+    """The training image side in ``epoch`` (0-based): ``image_size``, or with ``start_size`` a linear
+    ramp from it to ``image_size`` over the first :data:`RAMP_SHARE` of the epochs, rounded down to a
+    multiple of :data:`SIZE_STEP` (never below ``start_size``). Early epochs on smaller images cost less,
+    so the same minutes buy more epochs (fast.ai's progressive resizing)."""
+    full, start = params["image_size"], params["start_size"]
+    if not start or start >= full:
+        return full
+    ramp = max(1.0, RAMP_SHARE * params["epochs"])
+    size = start + (full - start) * min(1.0, epoch / ramp)
+    return full if size >= full else max(start, int(size) // SIZE_STEP * SIZE_STEP)
+
+
 def class_weight_tensor(params: Mapping[str, Any], train_labels: np.ndarray) -> torch.Tensor | None:
     """Loss class weights: none, ``balanced`` (n / (C * count)) or an explicit list."""
     spec = params["class_weights"]
@@ -284,7 +303,7 @@ class Classification(Task):
         return presets.train_batch(x, params, generator), y
 
     def eval_inputs(self, x, y, params):
-        return presets.to_input(x, params["image_size"], masks=params["masks"]), y
+        return presets.to_input(x, params["image_size"], masks=params["masks"], histeq=params["histeq"]), y
 
     def meter(self, device: torch.device) -> ConfusionMatrix:
         return ConfusionMatrix(device=device)
@@ -462,13 +481,14 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         if world > 1:
             sampler.set_epoch(epoch)
         net.train()
+        epoch_params = {**params, "image_size": train_size(params, epoch)}
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         meter = task.meter(device)
         n_seen = 0
         for x, y, _ in bar(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or rank != 0):
             y = y.to(device, non_blocking=True)
-            loss, out, target = train_step(net, x, y, params, loss_fn=loss_fn, optimizer=optimizer,
+            loss, out, target = train_step(net, x, y, epoch_params, loss_fn=loss_fn, optimizer=optimizer,
                                            scaler=scaler, scheduler=scheduler, mixer=mixer,
                                            generator=generators["augment"], dtype=dtype, task=task)
             # Device-side bookkeeping only: no .item() (a sync) per batch.
@@ -487,7 +507,7 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         # The plain module, not the DDP wrapper: DDP's per-forward buffer broadcast would deadlock
         # when ranks hold different numbers of validation batches.
         val_loss, val_metrics = evaluate(model, val_ds, params, device, loss_fn, progress=progress, task=task)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_size": epoch_params["image_size"],
                "train_loss": float(loss_sum) / max(1, n_seen * world),
                **task.flat(train_metrics, "train_"), "val_loss": val_loss, **task.flat(val_metrics, "val_"),
                "train_seconds": seconds, "val_seconds": time.perf_counter() - t1,

@@ -191,3 +191,31 @@ def test_write_ensemble_writes_a_run_folder(tmp_path: Path) -> None:
     # The written folder is itself a valid ensemble member.
     again = E.load_member(out)
     assert again.val["predicted"].tolist() == result.val_frame["predicted"].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- honest check
+def test_crossfit_says_when_weak_members_only_dilute_the_best_one(tmp_path: Path) -> None:
+    from lungs_utils.report import ensemble_verdict
+
+    y = np.arange(300) % 3
+    ids = np.arange(300) * 2 + 1
+    strong = good_probs(y, 0, noise=0.25)
+    runs = [make_run(tmp_path, "strong", strong, val_ids=ids, y_true=y)]
+    runs += [make_run(tmp_path, f"noise{k}", random_probs(300, k + 1), val_ids=ids, y_true=y) for k in range(2)]
+    result = E.ensemble_runs(runs, method="mean")
+    assert result.honest["gain"] < 0 and result.honest["best_member"] > result.honest["ensemble"]
+    verdict = ensemble_verdict(result)
+    assert "does NOT beat its best member" in verdict and "strong" in verdict
+
+
+def test_crossfit_credits_members_whose_mistakes_differ(tmp_path: Path) -> None:
+    from lungs_utils.report import ensemble_verdict
+
+    y = np.arange(600) % 3
+    ids = np.arange(600) * 2 + 1
+    runs = [make_run(tmp_path, f"m{k}", good_probs(y, k, noise=0.9), val_ids=ids, y_true=y) for k in range(5)]
+    result = E.ensemble_runs(runs, method="mean")
+    assert result.honest["gain"] > result.honest["gain_std"] > 0
+    assert ensemble_verdict(result).startswith("The ensemble beats its best member")
+    written = json.loads((E.write_ensemble(result, tmp_path / "ens")["ensemble.json"]).read_text())
+    assert written["crossfit_vs_best_member"]["gain"] == pytest.approx(result.honest["gain"])

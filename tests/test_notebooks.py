@@ -293,3 +293,19 @@ def test_plain_papermill_with_a_params_file(suite: dict, monkeypatch: pytest.Mon
     folder = suite["outputs"] / "plain"
     assert (folder / "submission.csv").is_file() and (folder / "plots" / "gradcam.png").is_file()
     assert yaml.safe_load((folder / "params.yaml").read_text())["lr"] == parameters["lr"]
+
+
+def test_mask_mode_comparison_folder_is_the_cpu_recipes_with_each_mode() -> None:
+    """params/masks/ (one `lungs pipeline` command) must not drift from the recipes it compares."""
+    folder = sorted((ROOT / "params" / "masks").glob("*.yaml"))
+    runs = [params_mod.load(p) for p in folder]
+    seg, classifiers = runs[0], runs[1:]
+    assert seg["notebook"] == "05_lung_segmentation.ipynb" and seg["folds"]
+    own = ("run_name", "masks", "mask_run")
+    base = params_mod.load(ROOT / "params" / "05_lung_segmentation.yaml")
+    assert {k: v for k, v in seg.items() if k not in own} == {k: v for k, v in base.items() if k not in own}
+    recipe = params_mod.load(ROOT / "params" / "cpu_small.yaml")
+    assert sorted(v["masks"] for v in classifiers) == sorted(params_mod.MASK_MODES)
+    for v in classifiers:
+        assert v["mask_run"] == seg["run_name"]
+        assert {k: x for k, x in v.items() if k not in own} == {k: x for k, x in recipe.items() if k not in own}

@@ -126,6 +126,33 @@ def test_flip_invariant_model_gives_identical_flip_views() -> None:
         torch.testing.assert_close(model(P.view_hflip(x)), model(x))
 
 
+class LeftSided(nn.Module):
+    """Looks only at the left half of the image: a mirrored view changes its answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3)).unsqueeze(1))
+
+
+def test_tta_leaves_out_the_mirrored_view_for_a_model_trained_without_flips() -> None:
+    ds = tiny_dataset()
+    model = LeftSided()
+    kw = dict(image_size=32, tta=True)
+    _, with_flip = P.predict_proba(model, ds, **kw)
+    _, without = P.predict_proba(model, ds, flip=False, **kw)
+    with torch.inference_mode():  # the three unmirrored views, averaged by hand
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        from lungs_utils.presets import to_input
+        x = to_input(x, 32)
+        views = (P.view_identity, P.view_zoom_in, P.view_zoom_out)
+        expected = sum(torch.softmax(model(v(x)), dim=1) for v in views) / 3
+    np.testing.assert_allclose(without, expected.numpy(), atol=1e-6)
+    assert not np.allclose(with_flip, without)
+
+
 # ----------------------------------------------------------------------------------------------- frames
 def test_frames_have_contract_columns_sorted_by_id() -> None:
     ids = np.array([5, 1, 3])

@@ -29,6 +29,10 @@ if seed == 13:
 if seed == 7:
     time.sleep(3)
 (outputs_dir() / run_name / "metrics.json").write_text(json.dumps({"val_macro_f1": 0.5, "resume": resume}))
+if seed in (21, 22):  # a submission for three test images: all right (21) or all "normal" (22)
+    labels = [0, 1, 2] if seed == 21 else [0, 0, 0]
+    rows = "".join(f"{i},{y}\\n" for i, y in zip((1, 2, 3), labels))
+    (outputs_dir() / run_name / "submission.csv").write_text("id,target_feature\\n" + rows)
 """
 
 
@@ -225,3 +229,25 @@ def test_demo_fresh_removes_only_the_demo_runs() -> None:
         (outputs_dir() / name).mkdir(parents=True)
     demo._remove_demo_runs(files)
     assert not (outputs_dir() / "demo_simple_cnn").exists() and (outputs_dir() / "mine").is_dir()
+
+
+@pytest.mark.slow
+def test_pipeline_scores_every_submission_against_an_answer_key(stub: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "modes"
+    write_params(folder / "1_right.yaml", run_name="right", seed=21)
+    write_params(folder / "2_naive.yaml", run_name="naive", seed=22)
+    write_params(folder / "3_none.yaml", run_name="none")  # no submission: nothing to score
+    answers = tmp_path / "test_answers.csv"
+    answers.write_text("id,target_feature\n1,0\n2,1\n3,2\n")
+    assert main(["pipeline", str(folder), "--answers", str(answers)]) == 0
+    out = capsys.readouterr().out
+    assert "test_macro_f1" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["right"][3] == "1.0000" and rows["naive"][3] == f"{0.5 / 3:.4f}" and rows["none"][3] == "-"
+    # A broken answer key is refused before anything runs.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,label\n1,0\n")
+    assert main(["pipeline", str(folder), "--answers", str(bad), "--suffix"]) == 2
+    assert "target_feature" in one_line_error(capsys)
+    assert not (outputs_dir() / "right-2").exists()

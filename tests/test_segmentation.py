@@ -133,6 +133,10 @@ def test_short_segmentation_training_reaches_dice_0_9_on_phantom(seg_run) -> Non
     assert summary["task"] == "segmentation"
     assert summary["val_dice"] >= 0.9, summary  # out-of-fold masks vs the given ones, full resolution
     assert all(f["val_dice"] >= 0.9 for f in summary["folds"])
+    # Post-processing is on by default; the raw figure shows what it bought, the tail what is left.
+    assert summary["postprocess"] is True and summary["raw_val_dice"] >= 0.9
+    assert summary["val_dice_min"] <= summary["val_dice_p5"] <= summary["val_mean_dice"]
+    assert summary["oof_rejected"] >= 0 and summary["test_rejected"] >= 0
     history = pd.read_csv(exp.run_dir / "history.csv")
     assert set(history["fold"]) == {0, 1} and {"val_dice", "val_iou", "train_loss"} <= set(history.columns)
     for k in (0, 1):
@@ -239,3 +243,49 @@ def test_review_shows_the_worst_out_of_fold_masks_with_their_dice(seg_run) -> No
     for pred, truth, dice in zip(shown["predicted"], shown["truth"], shown["dice"]):
         assert dice == pytest.approx(dice_iou(pred > 127, truth > 127)["dice"])
     assert shown["dice"][:3].max() <= np.sort(exp.outputs["oof_dice"])[2] + 1e-12
+
+
+# ------------------------------------------------------------------------------------------- post-processing
+def _lungs(size: int = 64) -> np.ndarray:
+    m = np.zeros((size, size), dtype=np.uint8)
+    m[12:50, 10:28] = 255
+    m[12:50, 36:54] = 255
+    return m
+
+
+def test_clean_mask_keeps_two_lungs_drops_specks_and_fills_holes() -> None:
+    m = _lungs()
+    m[20:24, 15:19] = 0  # a hole (an opacity the model missed)
+    m[2:4, 2:4] = 255  # a speck in the corner
+    m[56:58, 60:62] = 255  # another
+    cleaned, kept = S.clean_mask(m)
+    assert kept
+    assert np.array_equal(cleaned, _lungs() > 0)
+
+
+def test_clean_mask_keeps_one_lung_when_the_other_is_missed() -> None:
+    m = _lungs()
+    m[:, 32:] = 0
+    m[40:42, 50:52] = 255  # a speck well under a tenth of the lung
+    cleaned, kept = S.clean_mask(m)
+    assert kept and cleaned[:, 32:].sum() == 0 and cleaned[12:50, 10:28].all()
+
+
+@pytest.mark.parametrize("case", ["empty", "tiny", "everything", "corner blob"])
+def test_clean_mask_rejects_implausible_masks(case: str) -> None:
+    m = np.zeros((64, 64), dtype=np.uint8)
+    if case == "tiny":
+        m[30:33, 30:33] = 255
+    elif case == "everything":
+        m[:] = 255
+    elif case == "corner blob":  # a blob outside the chest, as on a small film in a black frame
+        m[44:64, 0:16] = 255
+    cleaned, kept = S.clean_mask(m)
+    assert not kept and cleaned.sum() == 0  # empty: a classifier then uses the whole image
+
+
+def test_clean_masks_keeps_the_encoding_and_reports_rejects() -> None:
+    stack = np.stack([_lungs(), np.zeros((64, 64), np.uint8)])
+    out, kept = S.clean_masks(stack)
+    assert out.dtype == np.uint8 and set(np.unique(out[0])) == {0, 255}
+    assert kept.tolist() == [True, False]

@@ -170,8 +170,10 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
 
 
 def test_resume_after_two_of_four_epochs_equals_four_epochs(tmp_path: Path) -> None:
-    train, val = toy_sets()
-    p = quick(mixup=0.2, cutmix=0.5, equalize=0.2, crop_scale=0.6)
+    train, val = toy_sets(size=40)
+    # Progressive resizing too: the size changes after the resume point (epochs at 16, 16, 32, 40).
+    p = quick(mixup=0.2, cutmix=0.5, equalize=0.2, crop_scale=0.6, image_size=40, start_size=16)
+    assert [T.train_size(p, e) for e in range(4)] == [16, 16, 32, 40]
     torch.manual_seed(0)
     straight = T.fit(tiny_net(), train, val, p, tmp_path / "straight", progress=False)
     torch.manual_seed(0)
@@ -286,3 +288,63 @@ def test_resumed_run_reports_the_training_time_of_every_epoch(tiny_data: Path, t
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert len(history) == 2 and metrics["train_seconds"] == pytest.approx(history["train_seconds"].sum())
+
+
+def test_frame_puts_a_shrunken_film_in_a_black_frame_and_moves_the_mask_with_it() -> None:
+    x = torch.full((6, 2, 40, 40), 200, dtype=torch.uint8)
+    x[:, 1] = 0
+    x[:, 1, 10:30, 8:32] = 255  # a lung box
+    p = P.load(overrides=dict(image_size=40, frame=1.0, hflip=0.0, rotate=0.0, translate=0.0, scale=0.0,
+                              brightness=0.0, contrast=0.0))
+    out = presets.BatchAugment(p, torch.Generator().manual_seed(0)).geometry(x.float() / 255)
+    film = out[:, 0] > 0.5
+    for i in range(len(x)):
+        share = float(film[i].float().mean())  # the film covers z^2 of the image, z in FRAME_ZOOM
+        assert presets.FRAME_ZOOM[0] ** 2 - 0.05 <= share <= presets.FRAME_ZOOM[1] ** 2 + 0.05
+        assert float(out[i, 0][~film[i]].max()) == 0.0  # black around it, not repeated edge pixels
+        # The mask shrinks with the film and stays on it.
+        assert bool(out[i, 1].bool()[~film[i]].any()) is False
+        assert 0.3 * share < float(out[i, 1].mean()) / (20 * 24 / 1600) < 1.7 * share
+    # frame: 0 leaves the geometry alone.
+    off = P.load(overrides=dict(image_size=40, hflip=0.0, rotate=0.0, translate=0.0, scale=0.0))
+    assert torch.equal(presets.BatchAugment(off).geometry(x.float()), x.float())
+
+
+def test_histeq_equalises_the_radiograph_everywhere_and_leaves_the_mask() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(60, 120, (3, 2, 24, 24), dtype=torch.uint8, generator=g)  # a dull, low-contrast film
+    x[:, 1] = 0
+    x[:, 1, 6:18, 4:20] = 255
+    eq = presets.equalize(x)
+    assert torch.equal(eq[:, 1], x[:, 1])
+    assert int(eq[:, 0].min()) < 20 and int(eq[:, 0].max()) == 255  # stretched over the full range
+    off = P.load(overrides=dict(image_size=24, hflip=0.0, rotate=0.0, translate=0.0, scale=0.0, brightness=0.0,
+                                contrast=0.0, histeq=True, masks="channel"))
+    # Training (augmentation off) and evaluation see the same equalised input.
+    assert torch.allclose(presets.train_batch(x.clone(), off), presets.to_input(x.clone(), 24, histeq=True))
+    assert not torch.allclose(presets.to_input(x.clone(), 24, histeq=True), presets.to_input(x.clone(), 24))
+
+
+def test_progressive_resizing_ramps_up_to_the_full_size_and_validates_at_full_size(tmp_path: Path) -> None:
+    p = quick(epochs=10, image_size=64, start_size=32)
+    sizes = [T.train_size(p, e) for e in range(10)]
+    assert sizes[0] == 32 and sizes[-1] == 64 and sizes == sorted(sizes)
+    assert all(s % T.SIZE_STEP == 0 for s in sizes) and sizes.index(64) <= round(T.RAMP_SHARE * 10)
+    assert [T.train_size(quick(epochs=10, image_size=64), e) for e in (0, 9)] == [64, 64]  # off by default
+
+    seen: list[tuple[str, int]] = []
+
+    class Recorder(nn.Module):  # a tiny net that notes the input side in train and eval mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(("train" if self.training else "eval", x.shape[-1]))
+            return self.net(x)
+
+    train, val = toy_sets(size=64)
+    result = T.fit(Recorder(), train, val, quick(epochs=4, image_size=48, start_size=16), tmp_path, progress=False)
+    assert sorted({s for mode, s in seen if mode == "train"}) == [16, 32, 48]
+    assert {s for mode, s in seen if mode == "eval"} == {48}
+    assert result.history["train_size"].tolist() == [16, 16, 32, 48]  # ramp over 70 % of 4 epochs
