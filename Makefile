@@ -30,7 +30,7 @@ lab: install
 	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 bench: install
-	cd bench && ../$(PY) loader.py --n 600 && ../$(PY) train_step.py --n 300 --steps 6 && ../$(PY) predict.py --n 600
+	cd bench && ../$(PY) loader.py --n 600 && ../$(PY) train_step.py --n 300 --steps 6 && ../$(PY) predict.py --n 600 && ../$(PY) startup.py
 
 clean-outputs:
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitkeep -exec rm -rf {} +

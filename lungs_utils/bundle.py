@@ -252,6 +252,19 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def model_names() -> list[str]:
+    """The registered model names, read from the models package's source (its ``@register("name")``
+    decorators) instead of importing it: writing a Kaggle bundle must not cost a PyTorch import. A test
+    keeps this equal to :func:`lungs_utils.models.names`."""
+    names = set()
+    for source in (Path(__file__).parent / "models").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "register"
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names.add(node.args[0].value)
+    return sorted(names)
+
+
 def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                   overrides: Iterable[str] | Mapping[str, Any] = (), user: str | None = None,
                   slug: str | None = None, title: str | None = None, gpu: bool = True,
@@ -263,7 +276,6 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
     ``out_dir`` is refused unless it is a previous bundle (then it is replaced). The user comes from
     ``user``, ``KAGGLE_USERNAME`` or kaggle.json; slug and title default to ``lungs-<run_name>``.
     """
-    from . import models
     from . import params as params_mod
     from .runner import find_notebook
 
@@ -274,8 +286,9 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
         warnings.warn(f"{', '.join(dropped)} set to null in the Kaggle notebook (paths on this machine mean "
                       "nothing there; the data is found under /kaggle/input)", DataWarning, stacklevel=2)
     values.update({k: None for k in _LOCAL_PATH_KEYS})
-    if values["model"] not in models.names():
-        raise LungsError(f"params: unknown model {values['model']!r}; valid names: {', '.join(models.names())}")
+    names = model_names()
+    if values["model"] not in names:
+        raise LungsError(f"params: unknown model {values['model']!r}; valid names: {', '.join(names)}")
     if values["device"] == "cuda" and not gpu:
         raise LungsError("params: device 'cuda' needs a GPU notebook; drop --no-gpu or set -p device=auto")
     notebook = find_notebook(values["notebook"])

@@ -46,6 +46,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _on_exists(args: argparse.Namespace) -> str:
+    if getattr(args, "overwrite", False):
+        args.param.append("overwrite=true")
     return "resume" if args.resume else "suffix" if args.suffix else "error"
 
 
@@ -127,7 +129,7 @@ def _kaggle_kernel(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .predict import score_submission
+    from .submission import score_submission
 
     m = score_submission(args.file, args.answers)
     print(f"macro-F1 {m['macro_f1']:.4f}  accuracy {m['accuracy']:.4f}  ({sum(map(sum, m['confusion_matrix']))} rows)")
@@ -142,6 +144,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                        help="reuse an existing run folder and continue training from checkpoints/last.pt")
     group.add_argument("--suffix", action="store_true",
                        help="if the run folder exists, use <run_name>-2, -3, ... instead")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace a run already in the run folder (same as -p overwrite=true)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LungsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # e.g. a read-only outputs/ met outside the run-folder checks
+        where = exc.filename or "a file"
+        print(f"error: cannot write {where} ({exc.strerror}); make it writable, or set LUNGS_OUTPUTS "
+              "(or output_dir) to a writable folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -1,14 +1,14 @@
-"""The competition data: validated labels, decoded-once image arrays, splits and torch Datasets.
+"""The competition data: decoded-once image arrays, splits and torch Datasets.
 
-Layout (competition zip / Kaggle mount / phantom): ``<data_dir>/train_images/img_<id>.png``,
-``test_images/img_<id>.png``, optional ``train_lung_masks/img_<id>.png`` and ``train_answers.csv``
-(``id,target_feature``). Every problem is reported as one ``LungsError`` line naming the file and row.
+The folder layout and the labels file are validated in :mod:`lungs_utils.layout`; every problem is
+reported as one ``LungsError`` line naming the file and row.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,103 +18,14 @@ import pandas as pd
 import torch
 
 from . import NUM_CLASSES
-from .cache import ImageArray, cached_images, probe_size
-from .errors import LungsError
+from .cache import ImageArray, cached_images, common_size
+from .errors import DataWarning, LungsError
 from .io import atomic_write_csv
+# The layout and the labels file are checked in .layout (no torch: `lungs submit` uses them); the names
+# stay importable from here.
+from .layout import (ANSWERS, PHANTOM_MARKER, TEST_IMAGES, TRAIN_IMAGES, TRAIN_MASKS, check_classes,  # noqa: F401
+                     list_images, read_answers)
 from .paths import dataset_cache_dir, find_data_dir
-
-ANSWERS = "train_answers.csv"
-TRAIN_IMAGES, TEST_IMAGES, TRAIN_MASKS = "train_images", "test_images", "train_lung_masks"
-PHANTOM_MARKER = "PHANTOM.md"  # same as lungs_utils.phantom.MARKER (data must not import phantom)
-_IMAGE_NAME = re.compile(r"^img_(\d+)\.png$", re.IGNORECASE)
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
-def list_images(folder: Path) -> dict[int, Path]:
-    """``{id: path}`` for every ``img_<id>.png`` in ``folder`` (other files are ignored)."""
-    if not folder.is_dir():
-        return {}
-    found: dict[int, Path] = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            m = _IMAGE_NAME.match(entry.name)
-            if m and entry.is_file():
-                image_id = int(m.group(1))
-                if image_id in found:  # img_17.png and img_017.png: which one is meant?
-                    raise LungsError(f"{folder}: {found[image_id].name} and {entry.name} both have id "
-                                     f"{image_id}; keep one of them")
-                found[image_id] = Path(entry.path)
-    return dict(sorted(found.items()))
-
-
-def read_answers(data_dir: Path, images: dict[int, Path] | None = None) -> pd.DataFrame:
-    """Read and validate ``train_answers.csv``: columns, integer ids, labels in {0,1,2}, no duplicates,
-    and (given ``images``, the ``{id: path}`` of train_images/) an image for every id.
-
-    Returns a frame with int64 columns ``id, target_feature`` sorted by id.
-    """
-    path = Path(data_dir) / ANSWERS
-    fix = "fix or delete that row"
-    if not path.is_file():
-        raise LungsError(f"{path} is missing: the labels file must sit beside train_images/ "
-                         "(re-download the data or regenerate it with `lungs phantom`)")
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise LungsError(f"{path} is empty; it needs a header 'id,target_feature' and one row per "
-                         "train image") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise LungsError(f"{path} is not a readable CSV ({str(exc).splitlines()[0]}); expected "
-                         "'id,target_feature' rows") from None
-    raw.columns = [str(c).strip() for c in raw.columns]
-    missing = [c for c in ("id", "target_feature") if c not in raw.columns]
-    if missing:
-        raise LungsError(f"{path}: missing column(s) {', '.join(missing)}; expected header "
-                         f"'id,target_feature', found {','.join(raw.columns)}")
-    if raw.empty:
-        raise LungsError(f"{path} has a header but no rows; it needs one row per train image")
-    # Row numbers are file line numbers (header = line 1), what an editor shows.
-    for col, what, allowed in (("id", "id", None), ("target_feature", "label", {"0", "1", "2"})):
-        values = raw[col].str.strip()
-        bad_int = ~values.str.fullmatch(r"[+]?\d+")
-        if bad_int.any():
-            i = int(np.flatnonzero(bad_int.to_numpy())[0])
-            expect = "an integer" if allowed is None else "0, 1 or 2"
-            raise LungsError(f"{path}: line {i + 2}: {what} {raw[col].iloc[i]!r} is not {expect}; {fix}")
-        if allowed is not None:
-            bad = ~values.astype(np.int64).astype(str).isin(allowed)
-            if bad.any():
-                i = int(np.flatnonzero(bad.to_numpy())[0])
-                raise LungsError(f"{path}: line {i + 2}: label {raw[col].iloc[i]!r} is outside "
-                                 f"{{0, 1, 2}} (0 normal, 1 other disease, 2 COVID-19); {fix}")
-    table = pd.DataFrame({"id": raw["id"].str.strip().astype(np.int64),
-                          "target_feature": raw["target_feature"].str.strip().astype(np.int64)})
-    dup = table["id"].duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup.to_numpy())[0])
-        first = int(np.flatnonzero((table["id"] == table["id"].iloc[i]).to_numpy())[0])
-        raise LungsError(f"{path}: line {i + 2}: id {table['id'].iloc[i]} is a duplicate of line "
-                         f"{first + 2}; keep one of them")
-    if images is not None:
-        _check_present(table, images, Path(data_dir))
-    return table.sort_values("id", kind="stable").reset_index(drop=True)
-
-
-def _check_present(table: pd.DataFrame, images: dict[int, Path], data_dir: Path) -> None:
-    """Every labelled id has an image (``table`` in file order, so line numbers match the CSV)."""
-    folder = data_dir / TRAIN_IMAGES
-    if not images:
-        raise LungsError(f"{folder} holds no img_<id>.png files; re-download the data or regenerate it")
-    absent = ~table["id"].isin(list(images))
-    if absent.any():
-        i = int(np.flatnonzero(absent.to_numpy())[0])
-        image_id, more = int(table["id"].iloc[i]), int(absent.sum()) - 1
-        also = f" (and {more} more)" if more else ""
-        raise LungsError(f"{data_dir / ANSWERS}: line {i + 2}: id {image_id}{also} has no image "
-                         f"{folder / f'img_{image_id}.png'}; restore the image(s) or remove their rows")
-
 
 # --------------------------------------------------------------------------------------------------
 # Loading
@@ -136,24 +47,38 @@ class LungsData:
         return (self.data_dir.parent / PHANTOM_MARKER).is_file()
 
     @property
+    def fingerprint(self) -> str:
+        """Identifies these images (the train and test caches' keys: file names, sizes, mtimes, decoding
+        rules): what a segmentation run records, so its masks are never applied to other images."""
+        names = "|".join(a.path.name if a.path is not None else f"empty-{len(a)}" for a in (self.train, self.test))
+        return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+    @property
     def image_size(self) -> tuple[int, int]:
         return self.train.size
 
 
 def load(data_dir: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
-         workers: int | None = None, progress: bool = True) -> LungsData:
+         workers: int | None = None, progress: bool = True, classes: bool = False) -> LungsData:
     """Find, validate and decode (once, cached) the dataset.
 
-    All images are stored at the size of the first train image; others are resized with a warning.
+    All images (train, test, masks) are stored at the train images' most frequent size, read from
+    their headers before anything is decoded; the others are resized with a warning. Images no chest
+    X-ray can be (a side under ``cache.MIN_SIDE``, over PIL's pixel limit) are one-line errors. With
+    ``classes`` (a classifier is about to train) the labels are checked by :func:`check_classes` first.
     """
     root = find_data_dir(data_dir)
     train_files = list_images(root / TRAIN_IMAGES)
     labels = read_answers(root, train_files)
-    size = probe_size(train_files[int(labels["id"].iloc[0])])
+    if classes:
+        check_classes(labels, root / ANSWERS)
+    ids = labels["id"].tolist()
+    train_paths = [train_files[i] for i in ids]
+    # The mode, not the first image: one odd file (a 1x1 placeholder as img_0.png) must not resize the set.
+    size = common_size(train_paths)
     test_files = list_images(root / TEST_IMAGES)
     cache = dataset_cache_dir(root, cache_dir)
-    ids = labels["id"].tolist()
-    train = cached_images("train", ids, [train_files[i] for i in ids], cache, size,
+    train = cached_images("train", ids, train_paths, cache, size,
                           workers=workers, progress=progress)
     test = cached_images("test", list(test_files), list(test_files.values()), cache, size,
                          workers=workers, progress=progress)
@@ -161,7 +86,7 @@ def load(data_dir: str | os.PathLike[str] | None = None, *, cache_dir: str | os.
     masks = None
     if mask_files and all(i in mask_files for i in ids):
         masks = cached_images("masks", ids, [mask_files[i] for i in ids], cache, size, mask=True,
-                              workers=workers, progress=progress)
+                              check_coverage=True, workers=workers, progress=progress)
     return LungsData(root, labels, train, test, masks, cache)
 
 
@@ -188,6 +113,10 @@ def make_split(labels: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0, f
         y = table["target_feature"].to_numpy()
         counts = np.bincount(y, minlength=NUM_CLASSES)
     stratify = y if counts[counts > 0].min() >= 2 else None
+    if stratify is None and folds is None:
+        small = int(np.flatnonzero((counts > 0) & (counts < 2))[0])
+        warnings.warn(f"class {small} has a single image, so the validation split is not stratified: it may "
+                      "hold no image of some class (and score it 0)", DataWarning, stacklevel=2)
     if folds is not None:
         if not 0 <= fold < folds:
             raise LungsError(f"params: 'fold' must be in 0..{folds - 1} when folds is {folds}, got {fold}")

@@ -41,7 +41,7 @@ def train_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
     rank, _world = init_process_group()
     try:
         if params["notebook"] == segmentation.NOTEBOOK:
-            return segmentation.run(params, progress=rank == 0).outputs["metrics"]
+            return segmentation.run(params, progress=rank == 0).outputs.get("metrics", {})
         exp = experiment.run(params, progress=rank == 0)
         return exp.outputs["metrics"]
     finally:

@@ -20,12 +20,11 @@ import pandas as pd
 import torch
 
 from . import data as data_mod
-from . import decision, models, predict
+from . import decision, models, paths, predict
 from .errors import LungsError
 from .io import atomic_write_csv, atomic_write_text
 from .params import dump
-from .paths import outputs_dir
-from .train import TrainResult, autocast_dtype, check_resume, fit, select_device
+from .train import TrainResult, autocast_dtype, check_resume, fit, is_main_process, select_device
 
 
 @dataclass
@@ -44,27 +43,24 @@ class Experiment:
     outputs: dict[str, Any] = field(default_factory=dict)
 
 
-def run_dir_for(params: Mapping[str, Any]) -> Path:
-    """``output_dir`` when set, else ``outputs/<run_name>``."""
-    return Path(params["output_dir"]) if params["output_dir"] else outputs_dir() / params["run_name"]
-
-
 def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
     """Load (and cache) the data, make the split, the datasets and the model; write params + split."""
     params = dict(params)
-    run_dir = run_dir_for(params)
+    run_dir = paths.run_dir(params)
     # Cheap checks first: a typo must not wait for the whole dataset to be decoded.
     models.options(params["model"])
     select_device(params["device"])
+    if is_main_process():
+        paths.check_run_dir(params)  # never write over another run, also when run from JupyterLab
     check_resume(run_dir, params)
-    data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress)
+    data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress, classes=True)
     split = data_mod.split_for(data, params["val_fraction"], params["seed"], params["folds"],
                                params["fold"], params["limit"])
     train, val, test = datasets(data, split, params, progress=progress)
     torch.manual_seed(params["seed"])  # same initial weights for the same seed
     model = models.build(params["model"], in_channels=2 if params["masks"] == "channel" else 1)
-    if _is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        paths.make_run_dir(params)
         dump(params, run_dir / "params.yaml")
         atomic_write_csv(split, run_dir / "split.csv")
     return Experiment(params, run_dir, data, split, train, val, test, model)
@@ -83,11 +79,6 @@ def datasets(data: data_mod.LungsData, split: pd.DataFrame, params: Mapping[str,
 
     oof, test = predicted_masks(data, params["mask_run"], progress=progress)
     return data_mod.datasets(data, split, use_masks=True, val_masks=oof.images, test_masks=test.images)
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
 
 
 def train(exp: Experiment, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
@@ -136,7 +127,7 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
     submission = None
     if tuned is not None and test_frame is not None:
         submission = predict.submission_frame(test_ids, decision.apply_offsets(test_probs, tuned["offsets"]))
-    if _is_main_process():
+    if is_main_process():
         predict.write_predictions(exp.run_dir, val=val_frame, test=test_frame, submission=submission)
         atomic_write_text(exp.run_dir / "metrics.json", json.dumps(summary, indent=2))
     exp.outputs = {"metrics": summary, "val": val_frame, "test": test_frame}

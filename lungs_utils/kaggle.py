@@ -104,7 +104,7 @@ def download(dest: str | os.PathLike[str] | None = None, *, force: bool = False)
     The archive is unpacked in a temporary folder and moved into place only after its layout checks
     out, so an interrupted download never leaves a half-unpacked dataset where discovery would find it.
     """
-    from .data import read_answers, TEST_IMAGES  # deferred: keeps this module light to import
+    from .layout import TEST_IMAGES, read_answers  # deferred: keeps this module light to import
 
     dest = Path(dest).expanduser().resolve() if dest is not None else download_dir()
     final = dest / "data"
@@ -144,7 +144,7 @@ def _submission_test_ids(test_dir: str | os.PathLike[str] | None) -> list[int] |
     An explicit ``test_dir`` must hold test images. Discovery never settles for the phantom demo
     data: its ids say nothing about the competition's test set.
     """
-    from .data import TEST_IMAGES, list_images
+    from .layout import TEST_IMAGES, list_images
     from .paths import find_data_dir
 
     if test_dir is not None:
@@ -172,7 +172,7 @@ def submit(file: str | os.PathLike[str], message: str, *, test_dir: str | os.Pat
     checked before credentials or the network are touched, so a bad file never costs one of the
     day's submissions. Returns one line saying what was sent and where to see the score.
     """
-    from .predict import validate_submission  # deferred: keeps this module light to import
+    from .submission import validate_submission  # deferred: keeps this module light to import
 
     if not message or not message.strip():
         raise LungsError("the submission needs a message (-m \"what changed\"); Kaggle shows it next to the score")

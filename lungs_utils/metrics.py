@@ -8,18 +8,22 @@ classes of per-class F1 on the whole set — not an average of per-batch F1 valu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import CLASS_NAMES, NUM_CLASSES
+
+if TYPE_CHECKING:  # torch only where the meters live on a device: scoring a CSV needs none of it
+    import torch
 
 
 class ConfusionMatrix:
     """Accumulates a ``(C, C)`` count matrix (rows = true class, columns = predicted) on a device."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, device: torch.device | str = "cpu") -> None:
+        import torch
+
         self.num_classes = num_classes
         self.counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
 
@@ -62,14 +66,14 @@ def from_confusion(cm: np.ndarray) -> dict[str, Any]:
     }
 
 
-def classification_metrics(y_true: np.ndarray | torch.Tensor, y_pred: np.ndarray | torch.Tensor,
-                           num_classes: int = NUM_CLASSES) -> dict[str, Any]:
-    """Metrics for hard labels over a whole set (see :func:`from_confusion`)."""
-    acc = ConfusionMatrix(num_classes)
-    # np.array copies: pandas hands out read-only arrays, which torch warns about.
-    acc.update(torch.as_tensor(np.array(y_true), dtype=torch.int64),
-               torch.as_tensor(np.array(y_pred), dtype=torch.int64))
-    return from_confusion(acc.matrix())
+def classification_metrics(y_true: Any, y_pred: Any, num_classes: int = NUM_CLASSES) -> dict[str, Any]:
+    """Metrics for hard labels over a whole set (see :func:`from_confusion`); arrays, lists or CPU tensors.
+    Rows with a negative true label (unlabelled) are skipped, as in :class:`ConfusionMatrix`."""
+    t = np.asarray(y_true, dtype=np.int64).ravel()
+    p = np.asarray(y_pred, dtype=np.int64).ravel()
+    keep = t >= 0
+    cm = np.bincount(t[keep] * num_classes + p[keep], minlength=num_classes * num_classes)
+    return from_confusion(cm.reshape(num_classes, num_classes))
 
 
 def flat(metrics: dict[str, Any], prefix: str = "val_") -> dict[str, float]:
@@ -88,6 +92,8 @@ def dice_iou(predicted: np.ndarray | torch.Tensor, target: np.ndarray | torch.Te
 
     Two empty masks agree perfectly (1.0), the usual convention.
     """
+    import torch
+
     p = torch.as_tensor(np.array(predicted) if not isinstance(predicted, torch.Tensor) else predicted) != 0
     t = torch.as_tensor(np.array(target) if not isinstance(target, torch.Tensor) else target) != 0
     inter, total = int((p & t).sum()), int(p.sum() + t.sum())
@@ -104,11 +110,15 @@ class MaskOverlap:
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        import torch
+
         self.counts = torch.zeros(5, dtype=torch.float64, device=device)
 
     def update(self, target: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """Add a batch of ``(N, 1, H, W)`` binary masks (bool or {0, 1}); returns the batch's per-image
         Dice ``(N,)`` (two empty masks: 1.0)."""
+        import torch
+
         t, p = target.flatten(1).bool(), predicted.flatten(1).bool()
         inter = (t & p).sum(dim=1).double()
         n_p, n_t = p.sum(dim=1).double(), t.sum(dim=1).double()

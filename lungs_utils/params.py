@@ -7,7 +7,9 @@ and meaning; unknown keys and wrong types are errors that name the valid choices
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,9 @@ class Spec:
 def _s(types: type | tuple[type, ...], default: Any, help: str, **kw: Any) -> Spec:
     return Spec(types if isinstance(types, tuple) else (types,), default, help, **kw)
 
+
+#: A run name is one plain folder name under outputs/ (``output_dir`` is the explicit way elsewhere).
+RUN_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]{1,128}")
 
 #: How a classifier uses a lung mask (key ``masks``; applied in :func:`lungs_utils.presets.apply_masks`).
 MASK_MODES = ("none", "multiply", "crop", "channel")
@@ -89,6 +94,8 @@ SCHEMA: dict[str, Spec] = {
     "patience": _s(int, None, "early-stopping patience on val macro-F1 (null = off)", nullable=True,
                    minimum=1),
     "resume": _s(bool, False, "continue from checkpoints/last.pt of this run"),
+    "overwrite": _s(bool, False, "replace a run already in this run's folder (otherwise it is refused: "
+                    "resume it or choose another run_name)"),
     "distributed": _s(bool, False, "train with torchrun / DistributedDataParallel"),
     "nproc_per_node": _s(int, 1, "processes per node when distributed", minimum=1),
     # --- augmentation (each of the original project's nine flags has one here) --------------------
@@ -123,6 +130,9 @@ def defaults() -> dict[str, Any]:
     return {k: (list(s.default) if isinstance(s.default, list) else s.default) for k, s in SCHEMA.items()}
 
 
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _type_name(spec: Spec) -> str:
     names = {int: "integer", float: "number", bool: "true/false", str: "text", list: "list"}
     text = " or ".join(names[t] for t in spec.types)
@@ -145,6 +155,9 @@ def check_value(key: str, value: Any, source: str = "params") -> Any:
     ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
     if not ok and float in spec.types and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if not ok and float in spec.types and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-3 and 1.0e30 as text; everyone writes learning rates that way.
+        value, ok = float(value), True
     if not ok:
         raise LungsError(
             f"{source}: '{key}' must be {_type_name(spec)}, got {value!r} ({type(value).__name__})"
@@ -153,6 +166,8 @@ def check_value(key: str, value: Any, source: str = "params") -> Any:
         raise LungsError(
             f"{source}: '{key}' must be one of {', '.join(map(str, spec.choices))}, got {value!r}"
         )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LungsError(f"{source}: '{key}' must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if spec.minimum is not None and value < spec.minimum:
             raise LungsError(f"{source}: '{key}' must be >= {spec.minimum}, got {value!r}")
@@ -160,6 +175,10 @@ def check_value(key: str, value: Any, source: str = "params") -> Any:
             raise LungsError(f"{source}: '{key}' must be <= {spec.maximum}, got {value!r}")
     if key == "class_weights":
         _check_class_weights(value, source)
+    if key == "run_name" and not RUN_NAME.fullmatch(value):
+        raise LungsError(f"{source}: run_name {value!r} is not a plain name (letters, digits, '.', '_', '-'; "
+                         "no '/' or '..'); a run folder lives in outputs/, and only output_dir may point "
+                         "elsewhere, explicitly")
     return value
 
 
@@ -168,8 +187,8 @@ def _check_class_weights(value: Any, source: str) -> None:
         if value not in ("none", "balanced"):
             raise LungsError(f"{source}: 'class_weights' must be none, balanced or [w0, w1, w2], got {value!r}")
         return
-    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                                  for v in value):
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v >= 0 for v in value):
         raise LungsError(f"{source}: 'class_weights' list needs 3 non-negative numbers, got {value!r}")
 
 

@@ -9,9 +9,15 @@ data (with a warning that it is synthetic) → a clear error that says how to ge
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
+import time
+import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import DataWarning, LungsError
 
@@ -135,3 +141,129 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phant
     raise LungsError("no dataset found: run `lungs download` (needs Kaggle credentials) or "
                      "`lungs phantom data/phantom` for synthetic data, or set data_dir / LUNGS_DATA_DIR "
                      "to the folder that holds train_images/")
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders: where a run goes, and whether it may be written there
+# --------------------------------------------------------------------------------------------------
+#: What a run leaves before it has produced anything (a start that crashed early): alone, these do
+#: not make a folder "hold a run", so rerunning the same command simply reuses the folder.
+LOCK_FILE = ".lock"
+RUN_TRACES = ("params.yaml", "split.csv", "run.json", "kernel.log", LOCK_FILE)
+#: Set (to the folder's absolute path) by ``lungs run`` for the notebook's kernel and by ``lungs train``
+#: in-process: that folder was claimed by the command that runs this code, so it is ours to write.
+CLAIMED_ENV = "LUNGS_CLAIMED_RUN_DIR"
+
+
+def run_dir(params: Mapping[str, Any]) -> Path:
+    """A run's folder: ``output_dir`` when set, else ``outputs/<run_name>``."""
+    return Path(params["output_dir"]) if params.get("output_dir") else outputs_dir() / params["run_name"]
+
+
+def _is_trace(folder: Path, path: Path) -> bool:
+    return path.parent == folder and (path.name in RUN_TRACES or path.suffix == ".ipynb")
+
+
+def run_product(folder: Path) -> Path | None:
+    """The first file in ``folder`` that a run produced (checkpoints, metrics, predictions, plots, masks,
+    ...), or None when the folder is absent or holds only :data:`RUN_TRACES` and executed notebooks."""
+    if not folder.is_dir():
+        return None
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if not _is_trace(folder, path):
+                return path
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lock_holder(folder: Path) -> int | None:
+    """PID of the live run holding ``folder``'s lock, or None (no lock, or a stale one)."""
+    lock = folder / LOCK_FILE
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        pid, host = int(info["pid"]), info.get("host")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # Being written right now (created, not yet filled) or garbage: trust it only while young.
+        try:
+            return -1 if time.time() - lock.stat().st_mtime < 10 else None
+        except OSError:
+            return None
+    if host and host != socket.gethostname():
+        return pid  # another machine's process: we cannot tell, so assume it is alive
+    return pid if pid_alive(pid) else None
+
+
+def already_running(name: str, folder: Path, pid: int) -> LungsError:
+    who = f"pid {pid}" if pid > 0 else "another process"
+    return LungsError(f"run {name} is already running ({who} holds {folder / LOCK_FILE}); wait for it to "
+                      "finish or give this run another name (-p run_name=...)")
+
+
+def claimed_here(folder: Path) -> bool:
+    """True when the command running this code already claimed ``folder`` (``lungs run`` / ``lungs train``)."""
+    mark = os.environ.get(CLAIMED_ENV)
+    return bool(mark) and Path(mark).resolve() == folder.resolve()
+
+
+def check_run_dir(params: Mapping[str, Any]) -> Path:
+    """Refuse to write over a run: the folder for ``params`` if it is free, reusable or deliberately taken.
+
+    Free: absent, or holding only the traces of a start that produced nothing. Taken deliberately:
+    ``resume`` (continue it) or ``overwrite`` (replace it). Anything else is a one-line error with those
+    options. Nothing is written here; :func:`make_run_dir` does that once the run's inputs are known good.
+    """
+    folder = run_dir(params)
+    if claimed_here(folder):
+        return folder
+    pid = lock_holder(folder)
+    if pid is not None:
+        raise already_running(folder.name, folder, pid)
+    if params.get("resume") or params.get("overwrite"):
+        return folder
+    product = run_product(folder)
+    if product is not None:
+        raise LungsError(f"run folder {folder} already holds a run ({product.relative_to(folder)}): continue "
+                         "it with resume = True (-p resume=true), choose another run_name, or replace it "
+                         "with overwrite = True (-p overwrite=true)")
+    return folder
+
+
+def make_run_dir(params: Mapping[str, Any]) -> Path:
+    """Create the run folder (checked by :func:`check_run_dir`): with ``overwrite`` the old run is removed
+    first, the traces of a start that produced nothing always are; fails in one line when not writable."""
+    folder = check_run_dir(params)
+    if not claimed_here(folder) and not params.get("resume") and folder.is_dir():
+        for entry in list(folder.iterdir()):
+            if params.get("overwrite") or _is_trace(folder, entry):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+    ensure_writable(folder)
+    return folder
+
+
+def ensure_writable(folder: Path) -> None:
+    """Make ``folder`` (and parents) and check a file can be written in it, else one actionable line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise LungsError(f"cannot write the run folder {folder} ({exc.strerror or type(exc).__name__}); make it "
+                         "writable, or set LUNGS_OUTPUTS (or output_dir) to a writable folder") from None

@@ -1,34 +1,25 @@
-"""Inference: class probabilities for a dataset (optionally with test-time augmentation), the run
-folder's prediction tables, and a strict validator for Kaggle submissions.
+"""Inference: class probabilities for a dataset, optionally with test-time augmentation.
 
-Run-folder files written here (see DESIGN.md "Run folder"): ``val_predictions.csv``
-(``id,true,predicted,p0,p1,p2``), ``test_predictions.csv`` (``id,p0,p1,p2``) and ``submission.csv``
-(``id,target_feature``), rows sorted by id.
+The tables these probabilities become (``val_predictions.csv``, ``test_predictions.csv``,
+``submission.csv``) and the submission validator live in :mod:`lungs_utils.submission`, which needs no
+torch; their names are re-exported here for code that imports them from this module.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from . import NUM_CLASSES
 from .errors import LungsError
-from .io import atomic_write_csv
 from .presets import to_input
-
-PROB_COLUMNS: tuple[str, ...] = tuple(f"p{k}" for k in range(NUM_CLASSES))
-VAL_COLUMNS: tuple[str, ...] = ("id", "true", "predicted", *PROB_COLUMNS)
-TEST_COLUMNS: tuple[str, ...] = ("id", *PROB_COLUMNS)
-SUBMISSION_COLUMNS: tuple[str, ...] = ("id", "target_feature")
-VAL_FILE, TEST_FILE, SUBMISSION_FILE = "val_predictions.csv", "test_predictions.csv", "submission.csv"
+from .submission import (PROB_COLUMNS, SUBMISSION_COLUMNS, SUBMISSION_FILE, TEST_COLUMNS, TEST_FILE,  # noqa: F401
+                         VAL_COLUMNS, VAL_FILE, score_submission, submission_frame, test_frame,
+                         validate_submission, val_frame, write_predictions)
 
 #: Relative zoom of the two scale-shift TTA views.
 TTA_ZOOM = 0.08
@@ -129,208 +120,3 @@ def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, 
     if not all_ids:
         return np.zeros(0, np.int64), np.zeros((0, NUM_CLASSES), np.float32)
     return np.concatenate(all_ids), np.concatenate(all_probs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Prediction tables
-# --------------------------------------------------------------------------------------------------
-def _check_probs(ids: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    probs = np.asarray(probs)
-    if probs.ndim != 2 or probs.shape[1] != NUM_CLASSES or len(probs) != len(ids):
-        raise ValueError(f"probs must have shape ({len(ids)}, {NUM_CLASSES}), got {probs.shape}")
-    return probs
-
-
-def val_frame(ids: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray,
-              probs: np.ndarray) -> pd.DataFrame:
-    """``id,true,predicted,p0,p1,p2`` sorted by id; ``predicted`` is the argmax of ``probs``."""
-    ids = np.asarray(ids, dtype=np.int64)
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = _check_probs(ids, probs)
-    if len(labels) != len(ids):
-        raise ValueError(f"labels has {len(labels)} entries for {len(ids)} ids")
-    # argmax before any float32 cast so ties resolved in higher precision (ensemble votes) survive.
-    frame = pd.DataFrame({"id": ids, "true": labels, "predicted": probs.argmax(axis=1).astype(np.int64)})
-    for k, col in enumerate(PROB_COLUMNS):
-        frame[col] = probs[:, k].astype(np.float32)
-    return frame.sort_values("id", kind="stable").reset_index(drop=True)
-
-
-def test_frame(ids: Sequence[int] | np.ndarray, probs: np.ndarray) -> pd.DataFrame:
-    """``id,p0,p1,p2`` sorted by id."""
-    ids = np.asarray(ids, dtype=np.int64)
-    probs = _check_probs(ids, probs)
-    frame = pd.DataFrame({"id": ids})
-    for k, col in enumerate(PROB_COLUMNS):
-        frame[col] = probs[:, k].astype(np.float32)
-    return frame.sort_values("id", kind="stable").reset_index(drop=True)
-
-
-test_frame.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name
-
-
-def submission_frame(ids: Sequence[int] | np.ndarray, probs_or_labels: np.ndarray) -> pd.DataFrame:
-    """Kaggle submission ``id,target_feature`` (int64) sorted by id, from (N,3) probs or (N,) labels."""
-    ids = np.asarray(ids, dtype=np.int64)
-    values = np.asarray(probs_or_labels)
-    labels = _check_probs(ids, values).argmax(axis=1) if values.ndim == 2 else values
-    if len(labels) != len(ids):
-        raise ValueError(f"{len(labels)} labels for {len(ids)} ids")
-    frame = pd.DataFrame({"id": ids, "target_feature": np.asarray(labels, dtype=np.int64)})
-    return frame.sort_values("id", kind="stable").reset_index(drop=True)
-
-
-def write_predictions(run_dir: str | os.PathLike[str], val: pd.DataFrame | None = None,
-                      test: pd.DataFrame | None = None, *, submission: pd.DataFrame | None = None
-                      ) -> dict[str, Path]:
-    """Write ``val_predictions.csv`` / ``test_predictions.csv`` / ``submission.csv`` atomically.
-
-    ``submission`` defaults to the argmax of ``test``. Only the contract columns are written, rows
-    sorted by id. Returns ``{file name: path}`` of what was written.
-    """
-    run_dir = Path(run_dir)
-    written: dict[str, Path] = {}
-
-    def put(frame: pd.DataFrame, columns: tuple[str, ...], name: str) -> None:
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise ValueError(f"{name}: frame lacks column(s) {', '.join(missing)}")
-        frame = frame.loc[:, list(columns)].sort_values("id", kind="stable")
-        atomic_write_csv(frame, run_dir / name)
-        written[name] = run_dir / name
-
-    if val is not None:
-        put(val, VAL_COLUMNS, VAL_FILE)
-    if test is not None:
-        put(test, TEST_COLUMNS, TEST_FILE)
-        if submission is None:
-            submission = submission_frame(test["id"].to_numpy(), test[list(PROB_COLUMNS)].to_numpy())
-    if submission is not None:
-        put(validate_submission(submission), SUBMISSION_COLUMNS, SUBMISSION_FILE)
-    return written
-
-
-# --------------------------------------------------------------------------------------------------
-# Submission validator
-# --------------------------------------------------------------------------------------------------
-def _read_submission(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise LungsError(f"{path} {what}; pass the submission CSV (e.g. outputs/<run_name>/submission.csv)")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True,
-                           skip_blank_lines=False)
-    except pd.errors.EmptyDataError:
-        raise LungsError(f"{path} is empty; a submission needs the header 'id,target_feature' and one row "
-                         "per test image") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise LungsError(f"{path} is not a readable CSV ({str(exc).splitlines()[0]}); a submission is "
-                         "'id,target_feature' rows") from None
-
-
-def validate_submission(sub: pd.DataFrame | str | os.PathLike[str],
-                        test_ids: Sequence[int] | np.ndarray | None = None) -> pd.DataFrame:
-    """Check a submission (frame or CSV path) the way Kaggle will, before uploading it.
-
-    Exactly the columns ``id,target_feature``; integer ids, unique and ascending; labels 0, 1 or 2;
-    with ``test_ids``, exactly one row per test image. Any failure raises a one-line ``LungsError``
-    naming the file and line (header = line 1; for a frame, the 0-based row). Returns the frame with
-    int64 columns.
-    """
-    if isinstance(sub, pd.DataFrame):
-        # Text, as a CSV would hold it: a float column becomes "1.0" (rejected), a missing value "".
-        frame = sub.reset_index(drop=True).astype(object)
-        raw = frame.where(frame.notna(), "").astype(str)
-        where, fix = "submission frame", "fix the code that builds it"
-
-        def line(i: int) -> str:
-            return f"row {i}"
-    else:
-        path = Path(sub)
-        raw = _read_submission(path)
-        where, fix = str(path), "fix or delete that row"
-        # A trailing blank line is harmless; blank lines elsewhere are reported at their line.
-        blank = (raw.apply(lambda c: c.str.strip()) == "").all(axis=1).to_numpy()
-        end = len(raw)
-        while end and blank[end - 1]:
-            end -= 1
-        raw = raw.iloc[:end]
-
-        def line(i: int) -> str:
-            return f"line {i + 2}"  # line numbers as an editor shows them
-
-    def row(i: int) -> str:
-        return f"{where}: {line(i)}"
-
-    columns = [str(c).strip() for c in raw.columns]
-    raw.columns = columns
-    expected = "'id,target_feature'"
-    missing = [c for c in SUBMISSION_COLUMNS if c not in columns]
-    if missing:
-        raise LungsError(f"{where}: missing column(s) {', '.join(missing)}; expected header {expected}, "
-                         f"found '{','.join(columns)}'")
-    if tuple(columns) != SUBMISSION_COLUMNS:
-        extra = [c for c in columns if c not in SUBMISSION_COLUMNS]
-        problem = f"unexpected column(s) {', '.join(extra)}" if extra else "columns in the wrong order"
-        raise LungsError(f"{where}: {problem}; the header must be exactly {expected}, found "
-                         f"'{','.join(columns)}'")
-    if raw.empty:
-        raise LungsError(f"{where} has a header but no rows; it needs one row per test image")
-
-    for col, what in (("id", "id"), ("target_feature", "label")):
-        values = raw[col].str.strip()
-        bad = ~values.str.fullmatch(r"\+?\d+")
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            value = raw[col].iloc[i]
-            if value.strip().lower() in ("", "nan", "none", "<na>"):
-                problem = f"{what} is empty"
-            else:
-                expect = "a non-negative integer" if col == "id" else "0, 1 or 2"
-                problem = f"{what} {value!r} is not {expect}"
-            raise LungsError(f"{row(i)}: {problem}; {fix}")
-    table = pd.DataFrame({c: raw[c].str.strip().astype(np.int64) for c in SUBMISSION_COLUMNS})
-
-    bad_label = ~table["target_feature"].isin((0, 1, 2))
-    if bad_label.any():
-        i = int(np.flatnonzero(bad_label.to_numpy())[0])
-        raise LungsError(f"{row(i)}: label {table['target_feature'].iloc[i]} is outside {{0, 1, 2}} "
-                         f"(0 normal, 1 other disease, 2 COVID-19); {fix}")
-    ids = table["id"].to_numpy()
-    dup = table["id"].duplicated().to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        first = int(np.flatnonzero(ids == ids[i])[0])
-        raise LungsError(f"{row(i)}: id {ids[i]} is a duplicate of {line(first)}; keep one row per id")
-    unsorted = np.flatnonzero(ids[1:] < ids[:-1])
-    if unsorted.size:
-        i = int(unsorted[0]) + 1
-        raise LungsError(f"{row(i)}: id {ids[i]} comes after id {ids[i - 1]}; sort the rows by id "
-                         "ascending (submission_frame does)")
-    if test_ids is not None:
-        expected_ids = np.unique(np.asarray(test_ids, dtype=np.int64))
-        extra = ~np.isin(ids, expected_ids)
-        if extra.any():
-            i = int(np.flatnonzero(extra)[0])
-            more = int(extra.sum()) - 1
-            also = f" (and {more} more unexpected id(s))" if more else ""
-            raise LungsError(f"{row(i)}: id {ids[i]}{also} is not a test image id; remove rows whose "
-                             "ids are not in test_images/ (was it predicted on the right dataset?)")
-        absent = expected_ids[~np.isin(expected_ids, ids)]
-        if absent.size:
-            more = f" (and {absent.size - 1} more)" if absent.size > 1 else ""
-            raise LungsError(f"{where}: test id {absent[0]}{more} has no row; the submission needs one "
-                             f"row per test image ({expected_ids.size}), predict the whole test set")
-    return table
-
-
-def score_submission(sub: pd.DataFrame | str | os.PathLike[str], answers: str | os.PathLike[str]
-                     ) -> dict[str, Any]:
-    """Metrics of a submission against a truth file (``id,target_feature``), e.g. the phantom's
-    ``test_answers.csv``: what Kaggle's leaderboard would say, offline."""
-    from .metrics import classification_metrics
-
-    truth = validate_submission(answers)
-    frame = validate_submission(sub, test_ids=truth["id"].tolist())
-    merged = frame.merge(truth, on="id", suffixes=("_pred", ""))
-    return classification_metrics(merged["target_feature"], merged["target_feature_pred"])

@@ -33,10 +33,12 @@ import pandas as pd
 from . import params as params_mod
 from .errors import LungsError
 from .io import atomic_write_text
-from .paths import outputs_dir, project_root
+from .paths import (CLAIMED_ENV, LOCK_FILE, already_running, lock_holder, make_run_dir, project_root, run_dir,
+                    run_product)
 
 ON_EXISTS = ("error", "resume", "suffix")
-LOCK_FILE = ".lock"
+#: The notebook kernel's own stderr (its log; not cell output) goes here, in the run folder.
+KERNEL_LOG = "kernel.log"
 RUN_FILE = "run.json"
 #: Packages whose versions every run.json records (distribution names).
 VERSIONED = ("torch", "torchvision", "numpy", "pandas", "papermill", "lungs")
@@ -144,50 +146,6 @@ def _check_runnable(values: Mapping[str, Any]) -> Path:
 # ------------------------------------------------------------------------------------------------
 # Run folder: existing folders, suffixes, lock
 # ------------------------------------------------------------------------------------------------
-def target_dir(values: Mapping[str, Any]) -> Path:
-    """``output_dir`` when set, else ``outputs/<run_name>``."""
-    return Path(values["output_dir"]) if values["output_dir"] else outputs_dir() / values["run_name"]
-
-
-def _in_use(folder: Path) -> bool:
-    return folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def lock_holder(folder: Path) -> int | None:
-    """PID of the live run holding ``folder``'s lock, or None (no lock, or a stale one)."""
-    lock = folder / LOCK_FILE
-    try:
-        info = json.loads(lock.read_text(encoding="utf-8"))
-        pid, host = int(info["pid"]), info.get("host")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        # Being written right now (created, not yet filled) or garbage: trust it only while young.
-        try:
-            return -1 if time.time() - lock.stat().st_mtime < 10 else None
-        except FileNotFoundError:
-            return None
-    if host and host != socket.gethostname():
-        return pid  # another machine's process: we cannot tell, so assume it is alive
-    return pid if _pid_alive(pid) else None
-
-
-def _already_running(name: str, folder: Path, pid: int) -> LungsError:
-    who = f"pid {pid}" if pid > 0 else "another process"
-    return LungsError(f"run {name} is already running ({who} holds {folder / LOCK_FILE}); wait for it to "
-                      "finish or give this run another name (-p run_name=...)")
-
-
 def acquire_lock(folder: Path, name: str) -> Path:
     """Create ``folder/.lock`` exclusively (a stale lock of a dead process is replaced)."""
     lock = folder / LOCK_FILE
@@ -199,7 +157,7 @@ def acquire_lock(folder: Path, name: str) -> Path:
         except FileExistsError:
             pid = lock_holder(folder)
             if pid is not None:
-                raise _already_running(name, folder, pid) from None
+                raise already_running(name, folder, pid) from None
             lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -209,21 +167,28 @@ def acquire_lock(folder: Path, name: str) -> Path:
 
 
 def _claim(values: dict[str, Any], on_exists: str) -> tuple[Path, bool]:
-    """Decide the run folder per ``on_exists``, take its lock; returns (folder, resumed)."""
+    """Decide the run folder per ``on_exists`` (and ``overwrite``), take its lock; returns (folder, resumed).
+
+    A folder holding a run is refused, resumed or suffixed as ``on_exists`` says, or replaced with
+    ``overwrite``; one holding only the traces of a start that produced nothing is reused
+    (:func:`lungs_utils.paths.make_run_dir`).
+    """
     if on_exists not in ON_EXISTS:
         raise ValueError(f"on_exists must be one of {ON_EXISTS}, got {on_exists!r}")
     if values["resume"]:
         on_exists = "resume"
-    folder = target_dir(values)
+    folder = run_dir(values)
     name = folder.name
     resumed = False
-    if _in_use(folder):
-        pid = lock_holder(folder)
-        if pid is not None:
-            raise _already_running(name, folder, pid)
+    pid = lock_holder(folder)
+    if pid is not None:
+        raise already_running(name, folder, pid)
+    product = run_product(folder)
+    if product is not None and not values["overwrite"]:
         if on_exists == "error":
-            raise LungsError(f"run folder {folder} already exists: continue it with -p resume=true "
-                             f"(--resume), start {name}-2 with --suffix, or delete the folder")
+            raise LungsError(f"run folder {folder} already holds a run ({product.relative_to(folder)}): continue it "
+                             f"with -p resume=true (--resume), start {name}-2 with --suffix, or replace it with "
+                             "-p overwrite=true (--overwrite)")
         if on_exists == "resume":
             values["resume"] = resumed = True
         else:
@@ -232,18 +197,26 @@ def _claim(values: dict[str, Any], on_exists: str) -> tuple[Path, bool]:
                 values["output_dir"] = str(folder)
             else:
                 values["run_name"] = folder.name
+    make_run_dir(values)
     acquire_lock(folder, folder.name)
     return folder, resumed
 
 
 @contextlib.contextmanager
 def claimed(values: dict[str, Any], on_exists: str = "error") -> Iterator[tuple[Path, bool]]:
-    """Claim the run folder (refuse / resume / suffix, as ``on_exists`` says) and hold its lock for the
-    block; yields (folder, resumed). Used by ``lungs train``, which has no notebook around it."""
+    """Claim the run folder (refuse / resume / suffix / overwrite) and hold its lock for the block; yields
+    (folder, resumed). Used by ``lungs train``, which has no notebook around it: code in the block sees
+    the folder as claimed (:func:`lungs_utils.paths.claimed_here`)."""
     folder, resumed = _claim(values, on_exists)
+    saved = os.environ.get(CLAIMED_ENV)
+    os.environ[CLAIMED_ENV] = str(folder.resolve())
     try:
         yield folder, resumed
     finally:
+        if saved is None:
+            os.environ.pop(CLAIMED_ENV, None)
+        else:
+            os.environ[CLAIMED_ENV] = saved
         (folder / LOCK_FILE).unlink(missing_ok=True)
 
 
@@ -333,6 +306,27 @@ def _kernel_environment(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
+def _kernel_manager(log: Path) -> type:
+    """A kernel manager whose kernel writes its own stderr (ipykernel's log, not cell output, which the
+    notebook keeps) to ``log``: on Ctrl-C or shutdown a kernel logs tracebacks of its closing sockets,
+    and those belong in a file, not over the one ``interrupted`` line in the terminal."""
+    from jupyter_client import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:
+            self._stderr_log = open(log, "ab")  # noqa: SIM115 - the kernel process holds it until it exits
+            kw.setdefault("stderr", self._stderr_log)
+            await super().start_kernel(**kw)
+
+        async def shutdown_kernel(self, *args: Any, **kw: Any) -> None:
+            try:
+                await super().shutdown_kernel(*args, **kw)
+            finally:
+                self._stderr_log.close()
+
+    return LoggedKernelManager
+
+
 def _error_line(exc: BaseException) -> tuple[str, int | None]:
     """One line for a failed execution, and the failing cell's execution count when known."""
     from papermill.exceptions import PapermillExecutionError
@@ -404,10 +398,11 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
 
         # Plain-text progress: widget bars become unreadable JSON in an executed notebook.
         env = {"LUNGS_PROGRESS": "off" if os.environ.get("LUNGS_PROGRESS") == "off" else "plain",
-               "LUNGS_HOME": str(project_root())}
+               "LUNGS_HOME": str(project_root()), CLAIMED_ENV: str(folder.resolve())}
         with _kernel_environment(**env):
             papermill.execute_notebook(str(notebook_in), str(executed), parameters=values,
                                        cwd=str(notebook_in.parent), kernel_name="python3",
+                                       kernel_manager_class=_kernel_manager(folder / KERNEL_LOG),
                                        log_output=False, progress_bar=progress_bar,
                                        # Kernel log warnings (e.g. "running over TCP without
                                        # encryption" on localhost) are noise in batch logs.
@@ -450,7 +445,7 @@ def pipeline(paths: Sequence[str | os.PathLike[str]], overrides: Overrides = (),
     ``id,target_feature`` for the test images, e.g. a held-out set's answer key), every run's
     ``submission.csv`` is scored too (``test_macro_f1``).
     """
-    from .predict import score_submission, validate_submission
+    from .submission import score_submission, validate_submission
     from .progress import bar
 
     files = expand(paths)

@@ -33,17 +33,19 @@ from PIL import Image
 from torch import nn
 
 from . import data as data_mod
-from . import models, presets
+from . import models, paths, presets
 from .cache import ImageArray, cached_images, probe_size
 from .errors import LungsError
 from .io import atomic_dir, atomic_write_csv, atomic_write_text
 from .metrics import MaskOverlap
 from .params import dump
 from .paths import outputs_dir
-from .train import Task, TrainResult, autocast_dtype, check_resume, fit, select_device
+from .train import Task, TrainResult, autocast_dtype, check_resume, fit, is_main_process, select_device
 
 NOTEBOOK = "05_lung_segmentation.ipynb"
 MASKS_DIR = "masks"
+#: Which images a run's masks belong to (``LungsData.fingerprint``), in ``masks/``.
+DATASET_FILE = "dataset.json"
 TEST_MASKS, OOF_MASKS = "test", "train_oof"
 THRESHOLD = 0.5
 
@@ -249,11 +251,12 @@ class SegExperiment:
 
 def prepare(params: Mapping[str, Any], *, progress: bool = True) -> SegExperiment:
     """Load the data (masks required), make the fold splits, write params.yaml and split.csv."""
-    from .experiment import run_dir_for
-
     params = dict(params)
     build_model(params["model"])  # fail fast (before decoding the data) on a model without a mask head
     select_device(params["device"])
+    main = is_main_process()  # under torchrun only rank 0 writes the run folder
+    if main:
+        paths.check_run_dir(params)  # never write over another run, also when run from JupyterLab
     data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress)
     if data.masks is None:
         raise LungsError(f"{data.data_dir / data_mod.TRAIN_MASKS} is missing or incomplete: segmentation "
@@ -261,11 +264,12 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> SegExperimen
     folds = params["folds"]
     splits = [data_mod.split_for(data, params["val_fraction"], params["seed"], folds, k, params["limit"])
               for k in range(folds or 1)]
-    run_dir = run_dir_for(params)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump(params, run_dir / "params.yaml")
-    # With folds the file gives each image's fold (its model is the one that did not train on it).
-    atomic_write_csv(splits[0] if folds is None else splits[0].drop(columns=["split"]), run_dir / "split.csv")
+    run_dir = paths.run_dir(params)
+    if main:
+        paths.make_run_dir(params)
+        dump(params, run_dir / "params.yaml")
+        # With folds the file gives each image's fold (its model is the one that did not train on it).
+        atomic_write_csv(splits[0] if folds is None else splits[0].drop(columns=["split"]), run_dir / "split.csv")
     return SegExperiment(params, run_dir, data, splits)
 
 
@@ -364,6 +368,9 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
             test_rejected = int((~clean_masks(binarize(test_prob, exp.data.image_size))[1]).sum())
     else:
         (masks_dir / TEST_MASKS).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(masks_dir / DATASET_FILE, json.dumps({
+        "fingerprint": exp.data.fingerprint, "data_dir": str(exp.data.data_dir),
+        "n_train": int(len(exp.data.train)), "n_test": int(len(exp.data.test))}, indent=2))
     results = [r for r in exp.results if r is not None]
     epochs = sum(r.epochs_run for r in results)
     train_seconds = float(sum(r.history["train_seconds"].sum() for r in results))
@@ -393,10 +400,11 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
 
 
 def run(params: Mapping[str, Any], *, progress: bool = True) -> SegExperiment:
-    """The whole segmentation run: every fold, then the masks."""
+    """The whole segmentation run: every fold, then the masks (written by one process under torchrun)."""
     exp = prepare(params, progress=progress)
     train_folds(exp, progress=progress)
-    predict_and_save(exp, progress=progress)
+    if is_main_process():
+        predict_and_save(exp, progress=progress)
     return exp
 
 
@@ -436,6 +444,23 @@ def mask_run_dir(mask_run: str) -> Path:
                      "params/05_lung_segmentation.yaml) first, or fix mask_run")
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def predicted_masks(data: data_mod.LungsData, mask_run: str, *, progress: bool = False
                     ) -> tuple[ImageArray, ImageArray]:
     """A segmentation run's predicted masks as arrays aligned with ``data``: (train out-of-fold, test).
@@ -444,13 +469,21 @@ def predicted_masks(data: data_mod.LungsData, mask_run: str, *, progress: bool =
     predicted mask; every train image needs an out-of-fold one (train the run with ``folds``).
     """
     folder = mask_run_dir(mask_run)
+    made_on = _read_json(folder / MASKS_DIR / DATASET_FILE)
+    if made_on and made_on.get("fingerprint") != data.fingerprint:
+        raise LungsError(f"mask_run {mask_run!r} was made on other images ({made_on.get('data_dir')}, "
+                         f"{made_on.get('n_train')} train / {made_on.get('n_test')} test) than these "
+                         f"({data.data_dir}); its masks would belong to other films: run "
+                         "05_lung_segmentation on this dataset and use that run")
+    folds = (_read_yaml(folder / "params.yaml") or {}).get("folds")
     out = []
     for part, array, what in ((OOF_MASKS, data.train, "train"), (TEST_MASKS, data.test, "test")):
         files = data_mod.list_images(folder / MASKS_DIR / part)
         missing = [int(i) for i in array.ids if int(i) not in files]
         if missing:
-            hint = "rerun it with folds: 3 (or more) so every train image gets an out-of-fold mask" \
-                if part == OOF_MASKS else "rerun it on this dataset"
+            hint = ("rerun it with folds: 3 (or more) so every train image gets an out-of-fold mask"
+                    if part == OOF_MASKS and not folds else
+                    "it was made on another dataset: run 05_lung_segmentation on this one")
             raise LungsError(f"mask_run {mask_run!r} has no predicted mask for {len(missing)} of "
                              f"{len(array.ids)} {what} images (first: id {missing[0]}) in "
                              f"{folder / MASKS_DIR / part}; {hint}")

@@ -331,6 +331,11 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main_process() -> bool:
+    """True outside torchrun and on its rank 0: the one process that writes the run folder."""
+    return _distributed()[0] == 0
+
+
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
     if _distributed()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -371,6 +376,18 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, params: Mappin
     _all_sum(loss_sum)
     _all_sum(n)
     return float(loss_sum) / max(float(n), 1.0), task.metrics(meter)
+
+
+def check_finite(loss_sum: float, epoch: int, params: Mapping[str, Any]) -> None:
+    """Stop a run whose training loss became NaN or infinite: its weights are garbage from then on, so
+    nothing more (no checkpoint of this epoch, no predictions, no submission) may come from them."""
+    if math.isfinite(loss_sum):
+        return
+    kept = ("nothing was saved" if epoch <= 1 else
+            f"the checkpoint of epoch {epoch - 1} is kept (checkpoints/last.pt)")
+    raise LungsError(f"training diverged in epoch {epoch}: the loss became {loss_sum} (lr {params['lr']:g}, "
+                     f"precision {params['precision']}); lower lr (e.g. -p lr={params['lr'] / 10:g}), add grad_clip, "
+                     f"or use precision: fp32; {kept}")
 
 
 def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Mapping[str, Any], *,
@@ -425,7 +442,11 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         model = torch.compile(model)
     net: nn.Module = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A model whose forward leaves parameters unused (e.g. the U-Net classifier's mask head) names
+        # them in ``unused_in_forward``; DDP then skips them instead of waiting for their gradients.
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(unwrap(model), "unused_in_forward", ())))
 
     loss_fn = task.make_loss(params, train_ds).to(device)
     # Own generators for everything random in the loop, saved in last.pt: a resumed process replays
@@ -502,6 +523,7 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         train_seconds += seconds
         _all_sum(meter.counts)
         _all_sum(loss_sum)
+        check_finite(float(loss_sum), epoch + 1, params)
         train_metrics = task.metrics(meter)
         t1 = time.perf_counter()
         # The plain module, not the DDP wrapper: DDP's per-forward buffer broadcast would deadlock

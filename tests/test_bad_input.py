@@ -116,6 +116,17 @@ def _not_an_image(root: Path) -> Path:
     return root
 
 
+def _one_pixel_image(root: Path) -> Path:
+    Image.fromarray(np.zeros((1, 1), np.uint8), "L").save(_a_train_image(root))
+    return root
+
+
+def _huge_image(root: Path) -> Path:
+    # Real size, real PIL limit: 196 M pixels of zeros compress to ~190 KB (written in about a second).
+    Image.new("L", (14000, 14000)).save(_a_train_image(root))
+    return root
+
+
 # case: (make the mistake → data_dir to pass, regex the error line must match)
 DATA_CASES = {
     "missing data folder": (_missing_folder, r"data_dir: data folder \S+no-such-folder does not exist; point it at"),
@@ -140,6 +151,11 @@ DATA_CASES = {
                             r"train_answers.csv: line 3: id 424242 has no image \S+img_424242.png; restore"),
     "truncated png": (_truncated_png, r"img_\d+.png: cannot decode image .*re-download it or remove its row"),
     "not an image": (_not_an_image, r"img_\d+.png: cannot decode image .*re-download it or remove its row"),
+    "1x1 image": (_one_pixel_image, r"img_\d+.png: image is 1x1 pixels, too small for a chest X-ray \(each side "
+                                    r"must be at least \d+ px\); re-download it"),
+    "image over PIL's pixel limit": (_huge_image, r"img_\d+.png: image is 14000x14000 = 196 M pixels, over the "
+                                                  r"179 M-pixel limit of PIL's decompression-bomb check; it cannot "
+                                                  r"be a chest X-ray at this size"),
 }
 
 
@@ -258,7 +274,11 @@ def test_a_refused_resume_leaves_params_yaml_alone(tmp_path: Path, capsys: pytes
 
 # ------------------------------------------------------------------------------------------------ deliberate fix-ups
 def test_odd_images_are_converted_with_one_warning_line_each(tmp_path: Path, isolated_env: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # PIL's decompression-bomb limits scaled down (warning over 4100 pixels, error over 8200): an 80x80
+    # image stands for one between the real 89 M and 179 M pixels.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4100)
     root = write_dataset(tmp_path / "data")
     # Not the lowest id: its image sets the common size.
     train = sorted((root / "train_images").iterdir(), key=lambda p: int(p.stem.split("_")[1]))[1:]
@@ -271,6 +291,7 @@ def test_odd_images_are_converted_with_one_warning_line_each(tmp_path: Path, iso
     Image.fromarray(np.full((40, 48), 90, np.uint8), "L").save(train[4])
     mask = root / "train_lung_masks" / train[5].name
     Image.fromarray(np.full((64, 64), 255, np.uint8), "L").save(mask)
+    Image.fromarray(np.full((80, 80), 90, np.uint8), "L").save(train[6])
     params = write_params(tmp_path / "p.yaml", data_dir=str(root))
     code, out, err = lungs(capsys, "train", params)
     assert code == 0, err
@@ -278,8 +299,11 @@ def test_odd_images_are_converted_with_one_warning_line_each(tmp_path: Path, iso
     for kind, example in (("RGB converted to grayscale", train[0]), ("RGBA converted to grayscale", train[1]),
                           ("16-bit scaled to 8-bit", train[2]), ("JPEG content", train[3]),
                           ("train image(s): resized to 32x32", train[4]),
-                          ("masks image(s): resized to 32x32", mask)):
+                          ("masks image(s): resized to 32x32", mask),
+                          ("train image(s): over PIL's 0.0041 M-pixel decompression-bomb warning limit", train[6]),
+                          ("masks image(s): lung mask covers over 90% of the image", mask)):
         assert any(kind in w and str(example) in w for w in warnings), (kind, warnings)
+    assert "DecompressionBomb" not in err and len(warnings) == len(err.splitlines()), err
     assert "val macro-F1" in out and (outputs_dir() / "bad" / "submission.csv").is_file()
 
 
@@ -324,3 +348,36 @@ def test_two_files_with_the_same_id_are_refused(tmp_path: Path, isolated_env: Pa
     shutil.copy(root / "test_images" / "img_17.png", root / "test_images" / "img_0017.png")
     line = one_error_line(*lungs(capsys, "train", write_params(tmp_path / "p.yaml", data_dir=str(root)))[::2])
     assert "img_0017.png" in line and "img_17.png" in line
+
+
+# ------------------------------------------------------------------------------------------------ classes
+def _relabel(root: Path, labels: list[int]) -> None:
+    table = pd.read_csv(root / "train_answers.csv")
+    table["target_feature"] = labels[: len(table)]
+    table.to_csv(root / "train_answers.csv", index=False)
+
+
+def test_a_single_class_is_refused_before_anything_is_decoded(tmp_path: Path, isolated_env: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_dataset(tmp_path / "data")
+    _relabel(root, [2] * 12)
+    code, _, err = lungs(capsys, "train", write_params(tmp_path / "p.yaml", data_dir=str(root)))
+    line = one_error_line(code, err)
+    assert "every train image has label 2 (COVID-19)" in line and "at least two classes" in line
+    nothing_written(isolated_env)
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ([0, 1] * 6, ["class 2 (COVID-19) has no train image"]),
+    ([0, 1] * 5 + [0, 2], ["class 2 (COVID-19) has only 1 train image", "split is not stratified"]),
+])
+def test_a_missing_or_lone_class_is_a_warning_and_the_run_goes_on(tmp_path: Path, labels: list[int],
+                                                                   expected: list[str],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_dataset(tmp_path / "data")
+    _relabel(root, labels)
+    code, _, err = lungs(capsys, "train", write_params(tmp_path / "p.yaml", data_dir=str(root)))
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    for text in expected:
+        assert sum(text in w for w in warnings) == 1, warnings

@@ -60,3 +60,30 @@ def test_submit_without_credentials_is_one_line(tmp_path: Path, capsys: pytest.C
     assert main(["submit", str(tmp_path / "sub.csv"), "-m", "first try"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and "no Kaggle credentials" in err
+
+
+PROBE = ("import sys\nfrom lungs_utils.cli import main\n"
+         "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
+         "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
+
+
+def test_commands_that_neither_train_nor_predict_do_not_import_torch(tmp_path: Path) -> None:
+    """`lungs score` of a 200-row file once took 10 s and 860 MB, all of it importing PyTorch."""
+    assert lungs("phantom", str(tmp_path / "ph"), "--train", "9", "--test", "20", "--size", "32").returncode == 0
+    truth = tmp_path / "ph" / "test_answers.csv"
+    root = Path(__file__).resolve().parents[1]
+    commands = [["score", str(truth), "--answers", str(truth)], ["leaderboard"], ["report"],
+                ["submit", str(truth), "-m", "x", "--data", str(tmp_path / "ph" / "data")],
+                ["kaggle-kernel", str(root / "params" / "10_simple_cnn.yaml"), "--out", str(tmp_path / "k"),
+                 "--user", "someone"]]
+    for argv in commands:
+        out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
+                             env=os.environ.copy())
+        assert out.stderr.splitlines()[-1] == "no torch", (argv, out.stderr[-800:])
+    assert (tmp_path / "k" / "kernel-metadata.json").is_file()  # the bundle was really written
+
+
+def test_bundle_reads_the_same_model_names_as_the_registry() -> None:
+    from lungs_utils import bundle, models
+
+    assert bundle.model_names() == models.names()

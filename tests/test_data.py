@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +368,213 @@ def test_per_item_transform_is_applied(tiny_data: Path) -> None:
                        transform=v2.Resize((16, 16), antialias=True))
     assert ds[0][0].shape == (1, 16, 16)
     assert ds.__getitems__([0, 1])[1][0].shape == (1, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------- killed builds
+def _temps(folder: Path) -> list[Path]:
+    return sorted(folder.rglob(".*.tmp"))
+
+
+def test_temp_of_a_build_killed_with_sigkill_is_removed_by_the_next_build(tiny_data: Path,
+                                                                          isolated_env: Path) -> None:
+    victim = _some_train_image(tiny_data)
+    started = isolated_env / "decoding-started"
+    # A child process builds the cache and blocks while decoding one image; kill -9 leaves its temp.
+    script = textwrap.dedent(f"""
+        import pathlib, time
+        from lungs_utils import cache, data
+        real = cache.decode
+        def slow(path, *args, **kwargs):
+            if pathlib.Path(path).name == {victim.name!r}:
+                pathlib.Path({str(started)!r}).touch()
+                time.sleep(600)
+            return real(path, *args, **kwargs)
+        cache.decode = slow
+        data.load({str(tiny_data)!r}, progress=False, workers=1)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the child build did not start"
+            time.sleep(0.05)
+    finally:
+        child.kill()  # SIGKILL: no finally clause of the child runs
+        child.wait()
+    left = _temps(isolated_env / "cache")
+    assert left and all(".train-" in p.name for p in left)
+    data = D.load(tiny_data, progress=False)
+    assert _temps(isolated_env / "cache") == []
+    assert data.train.images.shape == (12, 32, 32)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temps_are_removed_but_a_live_writers_temp_is_kept(tiny_data: Path) -> None:
+    from lungs_utils import cache
+
+    first = D.load(tiny_data, progress=False)
+    target, folder = first.train.path, first.train.path.parent
+    dead = folder / f"{cache._temp_prefix(target, _dead_pid())}k2x9q1ab.tmp"
+    dead_ids = folder / f"{cache._temp_prefix(target.with_name(target.stem + '.ids.npy'), _dead_pid())}a1.tmp"
+    live = folder / f"{cache._temp_prefix(target, os.getpid())}zz9y8x7w.tmp"
+    elsewhere = folder / f".{target.name}.{os.getpid()}@another-machine.q1w2e3r4.tmp"  # pid means nothing here
+    old_style = folder / f".{target.name}.abc_1234.tmp"  # io.atomic_path's name: no pid
+    old_style_young = folder / f".{target.name}.def_5678.tmp"
+    other_cache = folder / f"{cache._temp_prefix(folder / 'test-0123456789abcdef.npy', _dead_pid())}x.tmp"
+    for p in (dead, dead_ids, live, elsewhere, old_style, old_style_young, other_cache):
+        p.write_bytes(b"\0" * 64)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old_style, (two_days_ago, two_days_ago))
+    # Rebuild the train cache (an image changed).
+    victim = tiny_data / "train_images" / f"img_{int(first.train.ids[0])}.png"
+    os.utime(victim, ns=(1, 1))
+    second = D.load(tiny_data, progress=False)
+    assert second.train.path != first.train.path
+    assert not dead.exists() and not dead_ids.exists() and not old_style.exists()
+    assert live.exists() and elsewhere.exists() and old_style_young.exists()
+    assert not other_cache.exists()  # the test cache's own check removed it (its writer is dead too)
+
+
+# ----------------------------------------------------------------------------------------------- common size
+def _lowest_id_image(folder: Path, sub: str = "train_images") -> Path:
+    return min((folder / sub).iterdir(), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def test_an_odd_sized_first_image_does_not_set_the_size(tiny_data: Path) -> None:
+    first = _lowest_id_image(tiny_data)
+    Image.fromarray(np.full((48, 40), 120, np.uint8), "L").save(first)
+    Image.fromarray(np.full((48, 40), 255, np.uint8), "L").save(tiny_data / "train_lung_masks" / first.name)
+    with pytest.warns(DataWarning) as record:
+        data = D.load(tiny_data, progress=False)
+    assert data.train.size == (32, 32) and data.test.size == (32, 32)
+    assert data.masks is not None and data.masks.size == (32, 32)
+    lines = [str(w.message) for w in record]
+    assert any("1 train image(s): resized to 32x32" in m and str(first) in m for m in lines), lines
+    assert all("\n" not in m for m in lines)
+
+
+@pytest.mark.parametrize("sub", ["train_images", "test_images", "train_lung_masks"])
+@pytest.mark.parametrize("side", [(1, 1), (8, 300)])
+def test_an_absurdly_small_image_is_refused_in_one_line(tiny_data: Path, isolated_env: Path, sub: str,
+                                                       side: tuple[int, int]) -> None:
+    victim = _lowest_id_image(tiny_data, sub)
+    Image.fromarray(np.full(side, 7, np.uint8), "L").save(victim)
+    h, w = side
+    with pytest.raises(LungsError, match=rf"{victim.name}: image is {w}x{h} pixels, too small for a chest "
+                                         rf"X-ray \(each side must be at least \d+ px\)") as exc:
+        D.load(tiny_data, progress=False)
+    assert str(victim) in str(exc.value) and "\n" not in str(exc.value)
+    assert not _temps(isolated_env / "cache")
+    if sub == "train_images":  # found from the headers, before anything is written
+        assert _no_cache_files(isolated_env / "cache")
+
+
+# ----------------------------------------------------------------------------------------------- huge images
+@pytest.mark.parametrize("sub", ["train_images", "test_images", "train_lung_masks"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_image_over_pils_pixel_limit_is_one_line(tiny_data: Path, isolated_env: Path, sub: str, fmt: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Scaled down: the limit is 4100 pixels (the real one is 89 M), so 100x100 is over twice the limit.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4100)
+    victim = _lowest_id_image(tiny_data, sub)
+    Image.fromarray(np.zeros((100, 100), np.uint8), "L").save(victim, format=fmt)
+    size = "100x100 = " if fmt == "PNG" else ""  # PIL says only the pixel count for other formats
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(LungsError, match=rf"{victim.name}: image is {size}0.01 M pixels, over the "
+                                             r"0.0082 M-pixel limit of PIL's decompression-bomb check; it "
+                                             "cannot be a chest X-ray at this size") as exc:
+            D.load(tiny_data, progress=False)
+    assert str(victim) in str(exc.value) and "\n" not in str(exc.value)
+    assert not [w for w in record if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert not _temps(isolated_env / "cache")
+
+
+@pytest.mark.parametrize("sub", ["train_images", "test_images", "train_lung_masks"])
+def test_an_image_between_pils_warning_and_error_limits_is_one_data_warning(
+        tiny_data: Path, sub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4100)
+    victim = sorted((tiny_data / sub).iterdir())[-1]
+    pixels = np.zeros((80, 80), np.uint8)  # 6400 pixels: over 4100, under 8200
+    pixels[20:60, 20:60] = 255
+    Image.fromarray(pixels, "L").save(victim)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        data = D.load(tiny_data, progress=False)
+    assert data.train.size == (32, 32)
+    assert not [w for w in record if issubclass(w.category, Image.DecompressionBombWarning)]
+    lines = [str(w.message) for w in record if issubclass(w.category, DataWarning)]
+    bomb = [m for m in lines if "decompression-bomb" in m]
+    assert len(bomb) == 1 and str(victim) in bomb[0] and "\n" not in bomb[0], lines
+    assert "over PIL's 0.0041 M-pixel decompression-bomb warning limit" in bomb[0]
+
+
+# ----------------------------------------------------------------------------------------------- mask encodings
+def _box() -> np.ndarray:
+    """The lung box of conftest.write_dataset's 32 px masks, as 0/1."""
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 4:28] = 1
+    return m
+
+
+MASK_ENCODINGS = {
+    "0/255": lambda m: Image.fromarray(m * 255, "L"),
+    "0/1": lambda m: Image.fromarray(m, "L"),
+    "mode 1": lambda m: Image.fromarray(m.astype(bool)),
+    "16-bit 0/1": lambda m: Image.fromarray(m.astype(np.uint16)),
+    "16-bit 0/65535": lambda m: Image.fromarray(m.astype(np.uint16) * 65535),
+    "RGB 0/255": lambda m: Image.fromarray(m * 255, "L").convert("RGB"),
+}
+
+
+@pytest.mark.parametrize("encoding", list(MASK_ENCODINGS))
+def test_binary_masks_in_any_encoding_decode_to_the_same_cache(tiny_data: Path, encoding: str) -> None:
+    box = _box()
+    for p in (tiny_data / "train_lung_masks").iterdir():
+        MASK_ENCODINGS[encoding](box).save(p)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        data = D.load(tiny_data, progress=False)
+    assert data.masks is not None
+    expected = np.broadcast_to(box * 255, data.masks.images.shape)
+    np.testing.assert_array_equal(np.asarray(data.masks.images), expected)
+    lines = [str(w.message) for w in record]
+    if encoding.startswith("RGB"):
+        assert any("RGB converted to grayscale" in m for m in lines), lines
+    else:
+        assert not lines, lines
+
+
+def test_anti_aliased_masks_keep_todays_threshold(tiny_data: Path) -> None:
+    grey = np.zeros((32, 32), np.uint8)
+    grey[8:24, 4:28] = 255
+    grey[8:24, 2:4] = 127  # resampling greys at the edge: half-covered pixels and less are background
+    grey[8:24, 28:30] = 128
+    grey[6:8, 4:28] = 200
+    for p in (tiny_data / "train_lung_masks").iterdir():
+        Image.fromarray(grey, "L").save(p)
+    data = D.load(tiny_data, progress=False)
+    assert data.masks is not None
+    np.testing.assert_array_equal(data.masks.images[0], np.where(grey > 127, 255, 0))
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("empty", r"1 of 12 masks image\(s\): empty lung mask \(no lung pixel\), e\.g\. "),
+    ("all ones", r"1 of 12 masks image\(s\): lung mask covers over 90% of the image, e\.g\. "),
+])
+def test_empty_or_full_masks_are_one_warning_line(tiny_data: Path, case: str, pattern: str) -> None:
+    victim = sorted((tiny_data / "train_lung_masks").iterdir())[3]
+    fill = 0 if case == "empty" else 1
+    Image.fromarray(np.full((32, 32), fill, np.uint8), "L").save(victim)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        D.load(tiny_data, progress=False)
+    lines = [str(w.message) for w in record]
+    assert len(lines) == 1 and issubclass(record[0].category, DataWarning), lines
+    assert re.search(pattern + re.escape(str(victim)), lines[0]) and "\n" not in lines[0], lines
+

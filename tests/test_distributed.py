@@ -48,3 +48,41 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
     assert single["confusion_matrix"] == state["val_metrics"]["confusion_matrix"]
     assert single["macro_f1"] == pytest.approx(state["val_metrics"]["macro_f1"])
     assert sum(map(sum, single["confusion_matrix"])) == len(val)
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    phantom.generate(root / "ph", n_train=30, n_test=4, size=32, seed=2, workers=1)
+    return root / "ph" / "data"
+
+
+def _torchrun(spec: dict, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    params_file = tmp_path / "ddp.yaml"
+    params_file.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LUNGS_PROGRESS": "off"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "lungs_utils", "train", str(params_file)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", models.names())
+def test_every_model_trains_under_two_process_ddp(model: str, ddp_data: Path, tmp_path: Path) -> None:
+    spec = {"notebook": "10_simple_cnn.ipynb", "run_name": "ddp", "data_dir": str(ddp_data),
+            "output_dir": str(tmp_path / "run"), "model": model, "image_size": 32, "epochs": 1,
+            "batch_size": 4, "seed": 0, "device": "cpu", "val_fraction": 0.3, "tta": False}
+    out = _torchrun(spec, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "submission.csv").is_file()
+
+
+@pytest.mark.slow
+def test_segmentation_trains_under_two_process_ddp(ddp_data: Path, tmp_path: Path) -> None:
+    spec = {"notebook": "05_lung_segmentation.ipynb", "run_name": "ddp_seg", "data_dir": str(ddp_data),
+            "output_dir": str(tmp_path / "seg"), "model": "unet_small", "image_size": 32, "epochs": 1,
+            "batch_size": 4, "seed": 0, "device": "cpu", "folds": 2}
+    out = _torchrun(spec, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("out-of-fold Dice") == 1  # rank 0 reports and writes
+    assert len(list((tmp_path / "seg" / "masks" / "test").glob("*.png"))) == 4

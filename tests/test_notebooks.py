@@ -154,6 +154,23 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "masked": masked, "data_dir": home / "data" / "phantom" / "data"}
 
 
+@pytest.mark.slow
+def test_a_notebook_run_directly_never_replaces_a_finished_run(suite: dict) -> None:
+    """Plain papermill (or Run All in JupyterLab) with the run_name of a finished run: refused, nothing lost."""
+    from conftest import snapshot
+
+    run = suite["outputs"] / "demo_simple_cnn"
+    before = snapshot(run)
+    assert (run / "metrics.json").is_file()
+    out = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "10_simple_cnn.ipynb"),
+                          str(suite["home"] / "direct.ipynb"), "-p", "run_name", "demo_simple_cnn",
+                          "-p", "epochs", "1", "-p", "image_size", "32", "-p", "device", "cpu"],
+                         env=suite["env"], cwd=suite["home"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "already holds a run" in out.stdout + out.stderr and "overwrite = True" in out.stdout + out.stderr
+    assert snapshot(run) == before
+
+
 CONTRACT = ("params.yaml", "run.json", "history.csv", "metrics.json", "val_predictions.csv",
             "test_predictions.csv", "submission.csv", "split.csv", "checkpoints/best.pt", "checkpoints/last.pt",
             "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/per_class.png",

@@ -226,7 +226,7 @@ def test_validator_accepts_a_good_submission(tmp_path: Path) -> None:
     ("id,target_feature\n1,0\n2,NaN\n", r"line 3: label is empty"),
     ("id,target_feature\n1,0\n2,1.0\n", r"line 3: label '1.0' is not 0, 1 or 2"),
     ("id,target_feature\n1,0\n\n2,1\n", r"line 3: id is empty"),
-    ("", r"is empty; a submission needs the header"),
+    ("", r"is empty; it needs a header 'id,target_feature' and one row per test image"),
     ("id,target_feature\n", r"has a header but no rows"),
     ('id,target_feature\n1,0\n"2,1\n', r"is not a readable CSV"),
 ])

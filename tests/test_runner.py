@@ -28,6 +28,8 @@ if seed == 13:
     raise ValueError("boom on purpose")
 if seed == 7:
     time.sleep(3)
+if seed == 8:  # long enough to be interrupted mid-cell
+    time.sleep(60)
 (outputs_dir() / run_name / "metrics.json").write_text(json.dumps({"val_macro_f1": 0.5, "resume": resume}))
 if seed in (21, 22):  # a submission for three test images: all right (21) or all "normal" (22)
     labels = [0, 1, 2] if seed == 21 else [0, 0, 0]
@@ -149,7 +151,8 @@ def test_existing_folder_error_suffix_and_resume(stub: Path, capsys: pytest.Capt
     with pytest.raises(LungsError) as info:
         runner.run(stub)
     message = str(info.value)
-    assert "already exists" in message and "-p resume=true" in message and "--suffix" in message
+    assert "already holds a run (metrics.json)" in message and "-p resume=true" in message
+    assert "--suffix" in message and "-p overwrite=true" in message
     assert main(["run", str(stub)]) == 2
     one_line_error(capsys)
     assert runner.run(stub, on_exists="suffix").name == "stub-2"
@@ -161,6 +164,12 @@ def test_existing_folder_error_suffix_and_resume(stub: Path, capsys: pytest.Capt
     assert json.loads((outputs_dir() / "stub" / "run.json").read_text())["resumed"] is True
     assert json.loads((outputs_dir() / "stub" / "metrics.json").read_text())["resume"] is True  # kernel saw it
     assert runner.run(stub, ["resume=true"]).name == "stub"  # -p resume=true means the same
+    # overwrite: the old run goes, a new one takes its place (same folder, no suffix)
+    (outputs_dir() / "stub" / "old-product.txt").write_text("from the replaced run")
+    assert runner.run(stub, ["overwrite=true"]).name == "stub"
+    assert not (outputs_dir() / "stub" / "old-product.txt").exists()
+    assert json.loads((outputs_dir() / "stub" / "metrics.json").read_text())["resume"] is False
+    assert main(["run", str(stub), "--overwrite"]) == 0
 
 
 @pytest.mark.slow
@@ -177,6 +186,11 @@ def test_notebook_failure_is_one_line_naming_the_notebook(stub: Path, capsys: py
     assert not (outputs_dir() / "stub" / ".lock").exists()
     assert main(["run", str(stub), "-p", "seed=13", "--resume"]) == 2
     assert "boom on purpose" in one_line_error(capsys)
+    # A run that produced nothing leaves only traces: the same command (fixed) simply reuses the folder.
+    assert sorted(p.name for p in (outputs_dir() / "stub").iterdir()) == ["kernel.log", "params.yaml", "run.json",
+                                                                       "stub.ipynb"]
+    record = runner.run(stub)
+    assert record.ok and record.name == "stub"
 
 
 @pytest.mark.slow
@@ -251,3 +265,24 @@ def test_pipeline_scores_every_submission_against_an_answer_key(stub: Path, tmp_
     assert main(["pipeline", str(folder), "--answers", str(bad), "--suffix"]) == 2
     assert "target_feature" in one_line_error(capsys)
     assert not (outputs_dir() / "right-2").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_run_prints_one_line(stub: Path) -> None:
+    """Ctrl-C reaches the whole foreground process group; the kernel's own tracebacks go to kernel.log."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "lungs_utils", "run", str(stub), "-p", "seed=8"],
+                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    folder = outputs_dir() / "stub"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not (folder / "stub.ipynb").exists():
+        time.sleep(0.2)
+    time.sleep(4)  # the kernel is now inside the sleeping cell
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.startswith("interrupted after ") and err.count("\n") == 1, err
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+    assert (folder / "kernel.log").is_file() and not (folder / ".lock").exists()

@@ -216,6 +216,29 @@ def test_mask_modes_need_a_usable_mask_run(seg_run, tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_mask_run_of_other_images_is_refused_even_with_the_same_ids(seg_run, tmp_path: Path) -> None:
+    root, seg = seg_run
+    made_on = json.loads((seg.run_dir / "masks" / S.DATASET_FILE).read_text())
+    assert made_on["fingerprint"] == seg.data.fingerprint and made_on["n_train"] == 60
+    # Another phantom set with the very same ids (60 train, 9 test) but other films.
+    phantom.generate(tmp_path / "other", n_train=60, n_test=9, size=PHANTOM_SIZE, seed=6, workers=1)
+    other = cls_params(root, "crop", str(seg.run_dir), data_dir=str(tmp_path / "other" / "data"),
+                       output_dir=str(tmp_path / "cls"))
+    with pytest.raises(LungsError, match=r"was made on other images .*run 05_lung_segmentation on this dataset"):
+        E.prepare(other, progress=False)
+    assert not (tmp_path / "cls").exists()
+    # Other ids altogether: the hint names the dataset, not folds (the run had folds).
+    phantom.generate(tmp_path / "more", n_train=75, n_test=9, size=PHANTOM_SIZE, seed=6, workers=1)
+    (seg.run_dir / "masks" / S.DATASET_FILE).rename(tmp_path / "dataset.json")  # as a run made before the record
+    try:
+        with pytest.raises(LungsError, match=r"no predicted mask for .* made on another dataset") as info:
+            E.prepare(cls_params(root, "crop", str(seg.run_dir), data_dir=str(tmp_path / "more" / "data"),
+                                 output_dir=str(tmp_path / "cls2")), progress=False)
+        assert "folds: 3" not in str(info.value)
+    finally:
+        (tmp_path / "dataset.json").rename(seg.run_dir / "masks" / S.DATASET_FILE)
+
+
 def test_leaderboard_leaves_out_segmentation_runs(seg_run) -> None:
     from lungs_utils import leaderboard
 

@@ -348,3 +348,31 @@ def test_progressive_resizing_ramps_up_to_the_full_size_and_validates_at_full_si
     assert sorted({s for mode, s in seen if mode == "train"}) == [16, 32, 48]
     assert {s for mode, s in seen if mode == "eval"} == {48}
     assert result.history["train_size"].tolist() == [16, 16, 32, 48]  # ramp over 70 % of 4 epochs
+
+
+def test_a_diverging_loss_stops_the_run_before_anything_is_saved_from_it(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    p = quick(epochs=3, lr=1e30, optimizer="sgd", weight_decay=0.0)
+    with pytest.raises(LungsError, match=r"training diverged in epoch 1: the loss became (nan|inf).*lower lr"):
+        T.fit(tiny_net(), train, val, p, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # nothing saved from a broken model
+    assert not (tmp_path / "history.csv").exists()
+
+
+@pytest.mark.parametrize("override", ["lr=.inf", "lr=.nan", "weight_decay=-.inf", "grad_clip=.nan"])
+def test_every_number_in_params_must_be_finite(override: str) -> None:
+    with pytest.raises(LungsError, match="must be a finite number"):
+        P.load(overrides=[override])
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/tmp/x", "..", "a/b", "", "x y"])
+def test_a_run_name_is_a_plain_folder_name(name: str) -> None:
+    with pytest.raises(LungsError, match="not a plain name|must be text"):
+        P.load(overrides=[f"run_name={name}"])
+    P.load(overrides=["run_name=resnet18_crop-2.v1"])  # plain names still pass
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-3", 1e-3), ("1.0e30", 1e30), ("5E-4", 5e-4), (".5e-2", 5e-3)])
+def test_scientific_notation_is_a_number_although_yaml_1_1_reads_it_as_text(text: str, value: float) -> None:
+    assert P.load(overrides=[f"lr={text}"])["lr"] == value
+    assert P.load(overrides=["run_name=1e-3"])["run_name"] == "1e-3"  # a text key keeps the text

@@ -5,8 +5,8 @@ last decoder map. ``segment(x)`` returns lung-mask logits ``(N, 1, H, W)`` (appl
 with ``BCEWithLogitsLoss`` against the competition's ``train_lung_masks``). ``classify_and_segment``
 gives both from one pass, for multi-task training.
 
-Note for DistributedDataParallel: ``forward`` does not use the mask head, so wrap a model trained
-on classification only with ``find_unused_parameters=True`` (or train with ``classify_and_segment``).
+Note for DistributedDataParallel: ``forward`` does not use the mask head, which the model says in
+``unused_in_forward``; ``train.fit`` then wraps it with ``find_unused_parameters=True``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class UNet(nn.Module):
         # A mask-only U-Net has no class head, so every parameter gets a gradient (DDP needs that).
         self.mask_only = mask_only
         self.head = None if mask_only else mlp_head(widths[-1] + widths[0], (256,), num_classes, dropout)
+        # The classifier's forward leaves the mask head (for .segment()) without a gradient; DDP must know.
+        self.unused_in_forward = () if mask_only else ("mask_head",)
         init_weights(self)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
