@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install demo test test-fast lab bench clean-outputs
+.PHONY: install demo test test-fast test-browser lab bench clean-outputs
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra
+
+# Every notebook, Run All in JupyterLab in headless Chromium (Debian's package: no browser download).
+test-browser: install
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		{ echo "error: chromium is missing: install Debian's chromium package (apt-get install chromium)"; exit 2; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,browser]'
+	LUNGS_BROWSER_TEST=1 $(PY) -m pytest -q -s -ra tests/test_browser.py
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -165,10 +165,18 @@ def _user(user: str | None) -> str:
     return user
 
 
+#: Kaggle's machine with two GPUs ("GPU T4 x2" in the editor) as ``kernel-metadata.json`` names it.
+TWO_GPU_SHAPE = "NvidiaTeslaT4"
+#: The classifier notebooks' training call, which a two-GPU bundle makes launch torchrun.
+TRAIN_CALL = "experiment.train(exp)"
+
+
 def kernel_metadata(*, user: str, slug: str, title: str, code_file: str, gpu: bool, internet: bool,
-                    private: bool) -> dict[str, Any]:
-    """The ``kernel-metadata.json`` mapping ``kaggle kernels push`` reads."""
-    return {
+                    private: bool, gpus: int = 1) -> dict[str, Any]:
+    """The ``kernel-metadata.json`` mapping ``kaggle kernels push`` reads (``machine_shape`` asks for the
+    two-GPU machine when ``gpus`` is 2)."""
+    shape = {"machine_shape": TWO_GPU_SHAPE} if gpus == 2 else {}
+    return {**shape,
         "id": f"{user}/{slug}",
         "title": title,
         "code_file": code_file,
@@ -215,6 +223,17 @@ def _bundle_notebook(notebook: Path, values: Mapping[str, Any], origin: str, arc
             # A clean notebook: old outputs would be confused with this run's on Kaggle.
             cell.outputs, cell.execution_count = [], None
     tagged[0].source = parameters_source(values, origin)
+    if values.get("distributed") and values.get("nproc_per_node", 1) > 1:
+        train_cells = [c for c in nb.cells if c.cell_type == "code" and TRAIN_CALL in c.source]
+        if not train_cells:
+            raise LungsError(f"--gpus {values['nproc_per_node']} needs a classifier notebook (10_ to 15_): "
+                             f"{notebook.name} has no `{TRAIN_CALL}` cell to spread over the GPUs")
+        n = values["nproc_per_node"]
+        train_cells[0].source = (
+            f"# {n} GPUs: distributed = True, nproc_per_node = {n}, so this launches\n"
+            f"# `torchrun --standalone --nproc_per_node={n} -m lungs_utils train <run folder>/params.yaml`\n"
+            "# (one process per GPU, DistributedDataParallel), shows its log, then loads the best weights back.\n"
+            + train_cells[0].source)
     boot = nbformat.v4.new_code_cell(bootstrap_source(archive), metadata={
         "tags": [BOOTSTRAP_TAG], "jupyter": {"source_hidden": True}})
     first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
@@ -268,10 +287,12 @@ def model_names() -> list[str]:
 def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                   overrides: Iterable[str] | Mapping[str, Any] = (), user: str | None = None,
                   slug: str | None = None, title: str | None = None, gpu: bool = True,
-                  internet: bool = False, private: bool = True) -> Path:
+                  internet: bool = False, private: bool = True, gpus: int = 1) -> Path:
     """Write a Kaggle notebook folder for one params file (+ ``key=value`` overrides); returns it.
 
     ``out_dir`` gets the notebook named by the params (``code_file``) and ``kernel-metadata.json``.
+    ``gpus=2`` targets Kaggle's two-GPU machine: the classifier notebook's training cell then runs
+    torchrun with one process per GPU (params ``distributed``, ``nproc_per_node``).
     The folder is built in a temporary sibling and renamed into place; an existing non-empty
     ``out_dir`` is refused unless it is a previous bundle (then it is replaced). The user comes from
     ``user``, ``KAGGLE_USERNAME`` or kaggle.json; slug and title default to ``lungs-<run_name>``.
@@ -279,8 +300,14 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
     from . import params as params_mod
     from .runner import find_notebook
 
+    if gpus not in (1, 2):
+        raise LungsError(f"--gpus {gpus}: Kaggle notebooks have one GPU or two (\"GPU T4 x2\"); pass 1 or 2")
+    if gpus > 1 and not gpu:
+        raise LungsError(f"--gpus {gpus} and --no-gpu contradict each other; drop one")
     path = _params_file(params_path)
     values = params_mod.load(path, overrides)
+    if gpus > 1:
+        values.update(distributed=True, nproc_per_node=gpus)
     dropped = [k for k in _LOCAL_PATH_KEYS if values[k] is not None]
     if dropped:
         warnings.warn(f"{', '.join(dropped)} set to null in the Kaggle notebook (paths on this machine mean "
@@ -307,7 +334,7 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
     origin = path.name + (f" with {' '.join(given)}" if given else "")
     nb = _bundle_notebook(notebook, values, origin, package_archive())
     meta = kernel_metadata(user=user, slug=slug, title=title, code_file=notebook.name, gpu=gpu,
-                           internet=internet, private=private)
+                           internet=internet, private=private, gpus=gpus)
 
     import nbformat
 

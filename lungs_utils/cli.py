@@ -22,7 +22,8 @@ def _phantom(args: argparse.Namespace) -> int:
 
     weights = tuple(float(w) for w in args.class_weights.split(",")) if args.class_weights else (1, 1, 1)
     summary = phantom.generate(args.out, n_train=args.train, n_test=args.test, size=args.size,
-                               seed=args.seed, class_weights=weights, overwrite=args.overwrite)
+                               seed=args.seed, class_weights=weights, overwrite=args.overwrite,
+                               shortcut=args.shortcut)
     print(f"phantom dataset: {summary['data_dir']} ({summary['seconds']:.1f} s)")
     for split in ("train", "test"):
         counts = summary[split]
@@ -49,6 +50,17 @@ def _on_exists(args: argparse.Namespace) -> str:
     if getattr(args, "overwrite", False):
         args.param.append("overwrite=true")
     return "resume" if args.resume else "suffix" if args.suffix else "error"
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from . import audit, experiment
+
+    for run in args.runs:
+        exp = experiment.reopen(run, progress=sys.stderr.isatty())
+        exp.params["audit"] = True
+        result = experiment.audit(exp, progress=sys.stderr.isatty())
+        print(f"{exp.run_dir.name}:\n{audit.summary_line(result)}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -121,7 +133,8 @@ def _kaggle_kernel(args: argparse.Namespace) -> int:
     from .bundle import kernel_bundle, push_kernel
 
     out = kernel_bundle(args.params, args.out, overrides=args.param, user=args.user, slug=args.slug,
-                        title=args.title, gpu=not args.no_gpu, internet=args.internet, private=not args.public)
+                        title=args.title, gpu=not args.no_gpu, internet=args.internet, private=not args.public,
+                        gpus=args.gpus)
     print(f"Kaggle notebook folder: {out}")
     if args.push:
         print(push_kernel(out))
@@ -182,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=_pipeline)
 
+    p = sub.add_parser("audit", help="shortcut audit of finished classifier runs (Grad-CAM in the lungs, "
+                                     "blanking); updates their metrics.json and audit.csv")
+    p.add_argument("runs", nargs="+", help="run names under outputs/ or run folders")
+    p.set_defaults(func=_audit)
+
     p = sub.add_parser("leaderboard", help="print every run in outputs/ and write outputs/leaderboard.csv")
     p.set_defaults(func=_leaderboard)
 
@@ -210,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slug", default=None, help="kernel slug (default lungs-<run_name>)")
     p.add_argument("--title", default=None, help="kernel title (must slugify to the slug)")
     p.add_argument("--no-gpu", action="store_true", help="run on Kaggle's CPU")
+    p.add_argument("--gpus", type=int, default=1, choices=(1, 2),
+                   help="2: Kaggle's \"GPU T4 x2\", training with torchrun, one process per GPU (default 1)")
     p.add_argument("--internet", action="store_true", help="enable internet on Kaggle")
     p.add_argument("--public", action="store_true", help="make the notebook public")
     p.add_argument("--push", action="store_true", help="upload and run it on Kaggle (needs credentials)")
@@ -229,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weights", default=None, metavar="W0,W1,W2",
                    help="relative class frequencies, e.g. 1,2,1 (default balanced)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/data")
+    p.add_argument("--shortcut", type=float, nargs="?", const=0.9, default=0.0, metavar="SHARE",
+                   help="plant a shortcut: a bright corner tag on this share of the COVID-19 images, train "
+                        "and test (default without the flag 0; --shortcut alone 0.9)")
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("download", help="download the competition data with the Kaggle API")

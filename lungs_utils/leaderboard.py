@@ -24,9 +24,11 @@ from .paths import outputs_dir
 LEADERBOARD_FILE = "leaderboard.csv"
 #: Columns every leaderboard has, in display order.
 CORE_COLUMNS = ("run", "model", "val_macro_f1", "val_accuracy", "epochs", "best_epoch", "train_minutes",
-                "images_per_s", "wall_minutes", "status", "data", "started")
+                "images_per_s", "wall_minutes", "lung_share", "lungs_blanked_f1", "audit", "ece", "status", "data",
+                "started")
 #: Params never worth a column: they name the run rather than describe it.
-_NOT_COMPARED = {"run_name", "output_dir", "notebook", "data_dir", "cache_dir", "resume", "runs", "model"}
+_NOT_COMPARED = {"run_name", "output_dir", "notebook", "data_dir", "cache_dir", "resume", "overwrite", "runs",
+                 "model"}
 #: The only params that mean something for an ensemble (the rest are unused defaults).
 _ENSEMBLE_PARAMS = {"ensemble_method"}
 
@@ -76,6 +78,22 @@ def _history_stats(run_dir: Path) -> dict[str, float]:
     return out
 
 
+def _audit_columns(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Shortcut audit and calibration in four columns: ``audit`` is ``FLAG`` (a warning was raised), ``ok``,
+    ``skipped`` (no lung masks) or empty (not audited: ensembles, audit off)."""
+    audit = metrics.get("audit") or {}
+    ok = audit.get("status") == "ok"
+    calibration = metrics.get("calibration") or {}
+    ece = calibration.get("crossfit_ece_after") if calibration.get("applied") else calibration.get("ece_before")
+    return {
+        "lung_share": audit["lung_share"]["mean"] if ok and audit["lung_share"]["mean"] is not None else np.nan,
+        "lungs_blanked_f1": audit["blanking"]["lungs_blanked"] if ok else np.nan,
+        "audit": ("FLAG" if audit.get("flags") else "ok") if ok else audit.get("status", ""),
+        # ECE of the probabilities the run saved: cross-fitted when calibrated, else the raw softmax's.
+        "ece": ece if ece is not None else calibration.get("ece_after", np.nan),
+    }
+
+
 def row_for(run_dir: Path) -> dict[str, Any]:
     """One leaderboard row: core columns plus every param (prefixed ``param.``)."""
     metrics = _read_json(run_dir / "metrics.json")
@@ -95,6 +113,7 @@ def row_for(run_dir: Path) -> dict[str, Any]:
         "train_minutes": (metrics["train_seconds"] / 60) if metrics.get("train_seconds") else np.nan,
         "images_per_s": metrics.get("train_images_per_s") or np.nan,
         "wall_minutes": (info["wall_seconds"] / 60) if info.get("wall_seconds") else np.nan,
+        **_audit_columns(metrics),
         "status": info.get("status", "ok" if metrics else "?"),
         "data": "phantom" if synthetic else ("real" if synthetic is False else ""),
         "started": info.get("started", ""),
@@ -137,6 +156,8 @@ def compact(table: pd.DataFrame) -> pd.DataFrame:
                      for c in shown.columns]
     for col in ("val_macro_f1", "val_accuracy"):
         shown[col] = pd.to_numeric(shown[col], errors="coerce").round(4)
+    for col in ("lung_share", "lungs_blanked_f1", "ece"):
+        shown[col] = pd.to_numeric(shown[col], errors="coerce").round(3)
     for col in ("train_minutes", "wall_minutes", "images_per_s"):
         shown[col] = pd.to_numeric(shown[col], errors="coerce").round(2)
     for col in ("epochs", "best_epoch"):
@@ -164,11 +185,11 @@ def format_table(table: pd.DataFrame, max_rows: int = 40) -> str:
     if shown.empty:
         return "(no finished runs in outputs/ yet: `lungs run params/<file>.yaml` or `lungs demo`)"
     columns = ["run", "model", "val_macro_f1", "val_accuracy", "epochs", "train_minutes", "images_per_s",
-               "status"] + [c for c in shown.columns if c not in CORE_COLUMNS]
+               "lung_share", "audit", "status"] + [c for c in shown.columns if c not in CORE_COLUMNS]
     shown = shown[columns].head(max_rows)
     text = shown.astype(object).where(shown.notna(), "-")
     for col, fmt in (("val_macro_f1", "{:.4f}"), ("val_accuracy", "{:.4f}"), ("train_minutes", "{:.2f}"),
-                     ("images_per_s", "{:.1f}")):
+                     ("images_per_s", "{:.1f}"), ("lung_share", "{:.2f}")):
         text[col] = [fmt.format(v) if v != "-" else v for v in text[col]]
     return text.to_string(index=False)
 

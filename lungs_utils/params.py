@@ -119,6 +119,10 @@ SCHEMA: dict[str, Spec] = {
     "tta": _s(bool, False, "test-time augmentation (flip + scale shifts)"),
     "tune_decision": _s(bool, False, "shift the class boundaries to maximise validation macro-F1 (per-class "
                         "offsets; the cross-fitted gain is reported) and use them for the submission"),
+    "calibrate": _s(bool, True, "fit one temperature on the validation predictions and save calibrated "
+                    "probabilities (classes unchanged); false keeps the raw softmax"),
+    "audit": _s(bool, True, "shortcut audit after predicting: Grad-CAM attention inside the lungs and "
+                "macro-F1 with the lungs / the rest blanked (needs lung masks)"),
     # --- ensemble / leaderboard notebooks ---------------------------------------------------------
     "runs": _s(list, [], "run folders or run names to combine"),
     "ensemble_method": _s(str, "weighted", "ensemble method", choices=("mean", "weighted", "vote")),

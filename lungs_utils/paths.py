@@ -149,7 +149,7 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phant
 #: What a run leaves before it has produced anything (a start that crashed early): alone, these do
 #: not make a folder "hold a run", so rerunning the same command simply reuses the folder.
 LOCK_FILE = ".lock"
-RUN_TRACES = ("params.yaml", "split.csv", "run.json", "kernel.log", LOCK_FILE)
+RUN_TRACES = ("params.yaml", "split.csv", "run.json", "kernel.log", "torchrun.log", LOCK_FILE)
 #: Set (to the folder's absolute path) by ``lungs run`` for the notebook's kernel and by ``lungs train``
 #: in-process: that folder was claimed by the command that runs this code, so it is ours to write.
 CLAIMED_ENV = "LUNGS_CLAIMED_RUN_DIR"

@@ -445,3 +445,65 @@ def leaderboard_tradeoff(table: pd.DataFrame) -> Figure:
     fig.suptitle("Accuracy vs cost")
     fig.tight_layout()
     return fig
+
+
+def audit_panels(result: dict, table: dict | pd.DataFrame) -> Figure:
+    """The shortcut audit at a glance: the share of Grad-CAM attention inside the lungs per validation
+    image and true class (with the lungs' area for reference), and validation macro-F1 on the whole
+    image, with everything outside the lungs blanked, and with the lungs blanked."""
+    table = pd.DataFrame(table)
+    fig = Figure(figsize=(9.5, 3.2))
+    ax, bx = fig.subplots(1, 2, width_ratios=(1.4, 1))
+    shares = [table.loc[table["label"] == c, "share"].dropna().to_numpy() for c in range(len(CLASS_NAMES))]
+    shown = [(name, s) for name, s in zip(CLASS_NAMES, shares) if len(s)]
+    if shown:
+        ax.boxplot([s for _, s in shown], tick_labels=[n for n, _ in shown], widths=0.5,
+                   orientation="horizontal")
+    ax.axvline(result["lung_area"], color="#888", ls="--", lw=1, label=f"lung area {result['lung_area']:.0%}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of Grad-CAM attention inside the lungs")
+    ax.set_title(f"Attention inside the lungs (mean {result['lung_share']['mean']:.0%})", fontsize=10)
+    ax.legend(frameon=False, fontsize=7.5, loc="lower right")
+    b = result["blanking"]
+    names = ("whole image", "outside blanked", "lungs blanked")
+    values = (b["full"], b["outside_blanked"], b["lungs_blanked"])
+    bars = bx.bar(names, values, color=("#4C72B0", "#55A868", "#C44E52"))
+    bx.bar_label(bars, fmt="%.3f", fontsize=8)
+    bx.axhline(1 / len(CLASS_NAMES), color="#888", ls="--", lw=1, label="chance")
+    bx.set_ylim(0, 1.1)
+    bx.set_ylabel("validation macro-F1")
+    bx.set_title("Blanking test", fontsize=10)
+    bx.tick_params(axis="x", labelsize=8)
+    bx.legend(frameon=False, fontsize=7.5)
+    for axis in (ax, bx):
+        _clean(axis)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(raw: np.ndarray, y_true: Sequence[int], temperature: float | None = None) -> Figure:
+    """Accuracy against confidence of the top class (15 bins) for the raw validation probabilities and,
+    given a ``temperature``, after temperature scaling; the diagonal is perfect calibration. The legend
+    gives NLL and ECE of each."""
+    from .calibration import apply_temperature, ece, nll, reliability
+
+    calibrated = apply_temperature(raw, temperature) if temperature is not None else None
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#888", ls="--", lw=1)
+    sets = [("raw", raw, "#C44E52")] + ([(f"T = {temperature:.2f}", calibrated, "#4C72B0")]
+                                        if calibrated is not None else [])
+    for label, probs, color in sets:
+        r = reliability(probs, np.asarray(y_true))
+        used = r["count"] > 0
+        ax.plot(r["confidence"][used], r["accuracy"][used], "o-", color=color, ms=4,
+                label=f"{label}: NLL {nll(probs, y_true):.3f}, ECE {ece(probs, y_true):.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability on validation images", fontsize=10)
+    ax.legend(frameon=False, fontsize=7.5, loc="upper left")
+    _clean(ax)
+    fig.tight_layout()
+    return fig

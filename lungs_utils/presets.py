@@ -76,11 +76,7 @@ def apply_masks(x: torch.Tensor, mode: str, image_size: int | None = None) -> to
     n, _, h, w = x.shape
     present = mask.mean(dim=(1, 2, 3)) >= MIN_MASK_AREA
     if mode == "multiply":
-        k = 2 * max(1, round(MASK_MARGIN * max(h, w))) + 1
-        # A square dilation, done as a row pass then a column pass (2k instead of k*k per pixel).
-        grown = F.max_pool2d(mask, (k, 1), stride=1, padding=(k // 2, 0))
-        grown = F.max_pool2d(grown, (1, k), stride=1, padding=(0, k // 2))
-        grown = torch.where(present.view(n, 1, 1, 1), grown, torch.ones_like(grown))
+        grown = torch.where(present.view(n, 1, 1, 1), grow_mask(mask), torch.ones_like(mask))
         return img * grown
     from torchvision.ops import roi_align
 
@@ -99,6 +95,15 @@ def apply_masks(x: torch.Tensor, mode: str, image_size: int | None = None) -> to
     index = torch.arange(n, dtype=x.dtype, device=x.device).view(n, 1)
     return roi_align(img, torch.cat([index, boxes], dim=1), output_size=size, spatial_scale=1.0,
                      sampling_ratio=-1, aligned=True)
+
+
+def grow_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A {0, 1} mask batch ``(N, 1, H, W)`` grown by :data:`MASK_MARGIN` of the side (square dilation)."""
+    h, w = mask.shape[-2:]
+    k = 2 * max(1, round(MASK_MARGIN * max(h, w))) + 1
+    # A row pass then a column pass: 2k instead of k*k comparisons per pixel.
+    grown = F.max_pool2d(mask, (k, 1), stride=1, padding=(k // 2, 0))
+    return F.max_pool2d(grown, (1, k), stride=1, padding=(0, k // 2))
 
 
 def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:

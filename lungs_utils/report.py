@@ -110,6 +110,28 @@ def decision_summary(summary: Mapping[str, Any]) -> str:
             f"({cf['plain']:.4f} → {cf['tuned']:.4f}): {verdict}.")
 
 
+def audit_summary(result: Mapping[str, Any] | None) -> str:
+    """The shortcut audit's figures and warnings as text (see :func:`lungs_utils.audit.summary_line`)."""
+    from .audit import summary_line
+
+    return summary_line(result)
+
+
+def calibration_summary(summary: Mapping[str, Any]) -> str:
+    """The calibration figures of ``metrics.json`` in two lines for the notebook."""
+    c = summary.get("calibration")
+    if not c:
+        return "calibration: no validation images"
+    crossed = (f"; on held-out halves NLL {c['crossfit_nll_before']:.3f} -> {c['crossfit_nll_after']:.3f}, "
+               f"ECE {c['crossfit_ece_before']:.3f} -> {c['crossfit_ece_after']:.3f}"
+               if c.get("crossfit_nll_after") is not None else "")
+    use = ("the saved predictions (and ensembles built on them) use the calibrated probabilities" if c.get("applied")
+           else "not applied (calibrate = False): predictions keep the raw softmax")
+    return (f"temperature {c['temperature']:.2f}: NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}, ECE (15 bins) "
+            f"{c['ece_before']:.3f} -> {c['ece_after']:.3f} on the validation set{crossed}.\n{use}; classes are "
+            "unchanged.")
+
+
 def ensemble_verdict(result: Any) -> str:
     """One plain sentence: does the ensemble beat its best member? Judged by the cross-fitted check
     (:func:`lungs_utils.ensemble.crossfit_gain`), not by the full-set scores (which flatter fitted
@@ -192,38 +214,49 @@ def _index(pages: Mapping[str, Path], folders: Mapping[str, Path], board: pd.Dat
 
     table = compact(board) if not board.empty else board
     if not table.empty:
-        table = table.assign(run=[link(r) for r in table["run"]])
-        board_html = table.to_html(index=False, escape=False, na_rep="-", border=0, classes="board")
+        table = table.assign(run=[link(r) for r in table["run"]],
+                             audit=['<span class="flag" title="shortcut audit warning: see the run\'s notebook">'
+                                    'FLAG</span>' if v == "FLAG" else html.escape(str(v)) for v in table["audit"]])
+        board_html = ('<div class="board-wrap">'
+                      + table.to_html(index=False, escape=False, na_rep="-", border=0, classes="board") + "</div>")
     else:
         board_html = "<p>No finished model runs yet.</p>"
     items = "\n".join(f"<li>{link(name)} <span class='st'>({html.escape(_status(folders[name]))})</span></li>"
                       for name in pages)
+    items_html = (f"<ul>\n{items}\n</ul>" if items else
+                  "<p>None here: runs made in JupyterLab keep their notebook where it was opened.</p>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lungs report</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
-table.board {{ border-collapse: collapse; font-size: 0.9em; }}
-table.board th, table.board td {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-table.board td:first-child, table.board th:first-child {{ text-align: left; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1200px; color: #222;
+  box-sizing: border-box; }}
+/* A wide leaderboard scrolls inside its own box, the run names staying in view; the page never does. */
+.board-wrap {{ max-width: 100%; overflow-x: auto; border: 1px solid #eee; }}
+table.board {{ border-collapse: collapse; font-size: 0.85em; white-space: nowrap; }}
+table.board th, table.board td {{ padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: right; }}
+table.board td:first-child, table.board th:first-child {{ text-align: left; position: sticky; left: 0;
+  background: #fff; box-shadow: 1px 0 0 #ddd; }}
 .st {{ color: #777; }}
+.flag {{ color: #fff; background: #C44E52; padding: 1px 5px; border-radius: 3px; font-weight: 600; }}
 </style></head><body>
 <h1>lungs — runs</h1>
 <p>Chest X-ray classification (0 normal, 1 other disease, 2 COVID-19), scored by validation macro-F1.
-Runs marked <i>phantom</i> used the synthetic dataset: their scores say nothing about real X-rays.</p>
+Runs marked <i>phantom</i> used the synthetic dataset: their scores say nothing about real X-rays.
+<i>lung_share</i>: share of Grad-CAM attention inside the lungs; <i>lungs_blanked_f1</i>: validation macro-F1
+with the lungs blanked; <i>audit</i> FLAG: the shortcut audit found the model reading something outside the
+lungs; <i>ece</i>: expected calibration error of the saved probabilities.</p>
 <h2>Leaderboard</h2>
 {board_html}
 <h2>Executed notebooks</h2>
-<ul>
-{items}
-</ul>
+{items_html}
 </body></html>
 """
 
 
 def render(run_dirs: Sequence[str | os.PathLike[str]] | None = None, out: str | os.PathLike[str] | None = None
            ) -> Path:
-    """Render the runs' executed notebooks (default: every run in ``outputs/``) to HTML; returns the
-    index page's path."""
+    """Render the runs' executed notebooks (default: every run in ``outputs/``) to HTML, with an index
+    page holding the leaderboard; returns the index page's path."""
     from .leaderboard import gather
 
     folders = [Path(d) for d in run_dirs] if run_dirs is not None else report_runs()
@@ -238,10 +271,12 @@ def render(run_dirs: Sequence[str | os.PathLike[str]] | None = None, out: str | 
         page = out / f"{folder.name}.html"
         atomic_write_text(page, notebook_html(notebook))
         pages[folder.name] = page
-    if not pages:
-        raise LungsError("no executed notebooks to report: run something first (`lungs run ...` or `lungs demo`)")
     by_name = {f.name: f for f in folders}
-    board = gather(folders=[by_name[name] for name in pages])
+    # Without a list, the leaderboard shows every run, also those made in JupyterLab (their notebook
+    # was saved where it was opened, so they have no page of their own).
+    board = gather(folders=[by_name[name] for name in pages]) if run_dirs is not None else gather()
+    if not pages and board.empty:
+        raise LungsError("no executed notebooks to report: run something first (`lungs run ...` or `lungs demo`)")
     index = out / "index.html"
     atomic_write_text(index, _index(pages, by_name, board))
     return index

@@ -67,7 +67,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The autocast dtype for a device, or None for fp32.
 
     ``auto``: bf16 on CUDA GPUs that support it, fp16 on older ones; on a CPU bf16 where it has bf16
-    instructions (measured on shared/real-dev with params/cpu_small.yaml, two seeds: test macro-F1
+    instructions (measured on a small real mixed-source X-ray set, not in the repository, with
+    params/cpu_small.yaml, two seeds: test macro-F1
     0.918 / 0.903 in bf16 vs 0.931 / 0.903 in fp32, i.e. within one of 76 images, in 150 s instead of
     254-280 s), else fp32. ``fp32`` turns autocast off anywhere.
     """

@@ -317,7 +317,10 @@ def test_real_kernels_push_accepts_the_bundle(tmp_path: Path, credentials, monke
 # Execution in a clean environment
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path, gpus: int) -> None:
+    """gpus=2: the notebook for Kaggle's "GPU T4 x2", whose training cell runs torchrun with two
+    processes; here on a CPU, with gloo, at tiny size."""
     from lungs_utils import phantom
     from lungs_utils.data import list_images
     from lungs_utils.predict import validate_submission
@@ -327,8 +330,11 @@ def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path) -> None
     summary = phantom.generate(kaggle_input / "competitions" / COMPETITION, n_train=36, n_test=9, size=32,
                                workers=1)
     data = Path(summary["data_dir"])
-    out = B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "bundle", user="alice")
-    meta, _ = read_bundle(out)
+    out = B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "bundle", user="alice", gpus=gpus)
+    meta, bundled = read_bundle(out)
+    assert (meta.get("machine_shape") == B.TWO_GPU_SHAPE) == (gpus == 2)
+    train_cell = next(source(c) for c in bundled["cells"] if B.TRAIN_CALL in source(c))
+    assert ("--nproc_per_node=2" in train_cell) == (gpus == 2)
 
     work, outputs = tmp_path / "working", tmp_path / "outputs"
     work.mkdir()
@@ -359,3 +365,18 @@ def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path) -> None
     # Discovery found the fake Kaggle mount (the only data this process could see).
     split = pd.read_csv(run / "split.csv")
     assert set(split["id"]) == set(list_images(data / "train_images"))
+    if gpus == 2:  # trained by two processes, then shown by the notebook as usual
+        log = (run / "torchrun.log").read_text()
+        assert "val macro-F1" in log, log[-2000:]
+        out_text = json.dumps(nb)
+        assert "torch.distributed.run --standalone --nproc_per_node=2" in out_text
+        assert (run / "plots" / "learning_curves.png").is_file() and (run / "plots" / "confusion_matrix.png").is_file()
+
+
+def test_two_gpus_need_a_classifier_notebook_and_a_gpu(tmp_path: Path) -> None:
+    with pytest.raises(LungsError, match="needs a classifier notebook"):
+        B.kernel_bundle(write_params(tmp_path / "p", notebook="00_data.ipynb"), tmp_path / "b", user="alice", gpus=2)
+    with pytest.raises(LungsError, match="contradict"):
+        B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "b", user="alice", gpus=2, gpu=False)
+    with pytest.raises(LungsError, match="one GPU or two"):
+        B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "b", user="alice", gpus=4)

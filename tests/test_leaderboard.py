@@ -164,3 +164,16 @@ def test_ensemble_tables_for_the_notebook(runs: Path) -> None:
         warnings.simplefilter("error")  # no read-only-array warning from torch
         scores = report.ensemble_metrics(result)
     assert scores["confusion_matrix"][0][0] == 3 and scores["accuracy"] == 1.0
+
+
+def test_report_lists_runs_made_in_jupyterlab_and_keeps_a_wide_board_in_its_own_box(runs: Path) -> None:
+    # A run from JupyterLab saved its notebook where it was opened: no page, still on the leaderboard.
+    make_run(runs, "e_lab", 0.7, notebook=False, lr=5e-3, model="vgg16")
+    text = report.render().read_text()
+    assert "e_lab" in text and 'href="e_lab.html"' not in text
+    assert '<div class="board-wrap">' in text and "overflow-x: auto" in text and "position: sticky" in text
+
+
+def test_report_of_jupyterlab_runs_only(tmp_path: Path) -> None:
+    make_run(outputs_dir(), "lab_only", 0.7, notebook=False)
+    assert "lab_only" in report.render().read_text()

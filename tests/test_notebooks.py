@@ -6,7 +6,7 @@ keys, the kernelspec papermill needs, and only thin calls; every params file is 
 End to end (slow, one shared session): ``lungs demo`` on a tiny phantom dataset at 32 px / 1 epoch
 runs the ``params/demo`` pipeline (data, simple CNN, tiny ResNet, ensemble, leaderboard) and the
 report; ``lungs pipeline`` runs the remaining model notebooks (ResNet-18, U-Net, MobileNetV2, VGG16)
-at 32 px; every run folder must satisfy the DESIGN.md contract and no cell may have errored.
+at 32 px; every run folder must satisfy the run-folder contract of docs/design.md and no cell may have errored.
 """
 
 from __future__ import annotations
@@ -90,6 +90,14 @@ def test_notebook_is_thin(path: Path) -> None:
         if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
             assert len(cell.source.splitlines()) <= 10
     assert f'from_namespace(globals(), notebook="{path.name}")' in source
+    # params are read from the notebook's globals: an import named like a key would replace its value.
+    import ast
+
+    from lungs_utils.params import SCHEMA
+
+    imported = {alias.asname or alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not imported & set(SCHEMA), f"imports shadow params: {imported & set(SCHEMA)}"
 
 
 @pytest.mark.parametrize("path", PARAMS, ids=lambda p: str(p.relative_to(ROOT / "params")))
@@ -195,6 +203,13 @@ def assert_model_run(folder: Path, notebook: str, model: str) -> None:
     assert info["status"] == "ok" and info["executed_notebook"] == str(folder / notebook)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["model"] == model and 0 <= metrics["val_macro_f1"] <= 1
+    # Every classifier notebook audits its model and calibrates its probabilities.
+    assert metrics["audit"]["status"] == "ok" and set(metrics["audit"]["blanking"]) == {
+        "full", "outside_blanked", "lungs_blanked"}
+    assert metrics["calibration"]["applied"] and metrics["calibration"]["temperature"] > 0
+    assert (folder / "audit.csv").is_file()
+    for picture in ("audit", "reliability"):
+        assert (folder / "plots" / f"{picture}.png").is_file(), picture
     params = yaml.safe_load((folder / "params.yaml").read_text())
     assert params["image_size"] == 32 and params["epochs"] == 1 and params["model"] == model
     submission = pd.read_csv(folder / "submission.csv")
@@ -228,12 +243,15 @@ def test_demo_runs_the_demo_pipeline_and_reports(suite: dict) -> None:
     assert_no_cell_errored(out / "demo_leaderboard" / "95_leaderboard.ipynb")
     board = pd.read_csv(out / "leaderboard.csv")
     assert {"demo_simple_cnn", "demo_resnet_tiny", "demo_ensemble"} <= set(board["run"])
+    assert {"lung_share", "lungs_blanked_f1", "audit", "ece"} <= set(board.columns)
+    assert set(board.loc[board["run"] == "demo_simple_cnn", "audit"]) <= {"ok", "FLAG"}
     index = out / "report" / "index.html"
     assert f"report: {index}" in demo.stdout and "demo_resnet_tiny" in demo.stdout
     for name in ("demo_data", "demo_lung_masks", "demo_simple_cnn", "demo_resnet_tiny", "demo_resnet_tiny_masks",
                  "demo_ensemble", "demo_leaderboard"):
         assert (out / "report" / f"{name}.html").stat().st_size > 10_000
         assert f'href="{name}.html"' in index.read_text()
+    assert "lungs_blanked_f1" in index.read_text()
 
 
 @pytest.mark.slow

@@ -20,8 +20,13 @@ def test_environment_yml_matches_pyproject() -> None:
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_deps = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     declared = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
+    extras = {_name(r): r.replace(" ", "") for group in project["optional-dependencies"].values() for r in group}
     in_env = {_name(r): r.replace(" ", "") for r in pip_deps if not r.startswith("-e")}
-    assert in_env == declared
+    assert in_env == declared | extras  # runtime, test and browser dependencies alike
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    # The tests read pyproject with tomllib (3.11+): the floor must be what actually runs.
+    assert project["requires-python"] == ">=3.11" and python == "python=3.11"
+    assert {"ipywidgets", "pytest", "playwright"} <= set(in_env)
     for required in ("torch", "torchvision", "jupyterlab", "papermill", "matplotlib", "seaborn",
                      "pandas", "pillow", "kaggle"):
         assert required in declared
@@ -41,7 +46,7 @@ def test_gitignore_covers_data_outputs_and_credentials() -> None:
 
 def test_ci_runs_make_test() -> None:
     script = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in script
+    assert "make test\n" in script and "make test-browser" in script  # the suite, then the real browser
 
 
 def test_readme_starts_with_the_two_commands() -> None:
@@ -59,3 +64,29 @@ def test_package_import_has_no_side_effects() -> None:
             "print('kaggle' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["cpu", "False"]
+
+
+# A path into the suite's own folders, as notebooks, the README, params comments and docstrings name them.
+_REFERENCE = re.compile(r"(?<![\w./-])((?:params|notebooks|docs)/[\w./*<>-]*\w(?:\.(?:yaml|ipynb|md|png|py))?)")
+
+
+def _references() -> list[tuple[str, str]]:
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb")),
+               *sorted((ROOT / "params").rglob("*.yaml")), *sorted((ROOT / "lungs_utils").rglob("*.py")),
+               *sorted((ROOT / "bench").glob("*.py")), *sorted((ROOT / "docs").glob("*.py")), ROOT / "Makefile"]
+    found = []
+    for source in sources:
+        for ref in _REFERENCE.findall(source.read_text(encoding="utf-8")):
+            stem = Path(ref).stem
+            if "<" in ref or len(stem) == 1:  # placeholders: params/<file>.yaml, params/x.yaml
+                continue
+            found.append((str(source.relative_to(ROOT)), ref))
+    return found
+
+
+def test_every_path_the_suite_names_exists() -> None:
+    refs = _references()
+    assert len(refs) > 50  # the scan does find the references
+    missing = sorted({f"{where}: {ref}" for where, ref in refs
+                      if not (list(ROOT.glob(ref)) if "*" in ref else (ROOT / ref).exists())})
+    assert not missing, "named but absent:\n" + "\n".join(missing)
