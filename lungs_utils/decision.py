@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import NUM_CLASSES
-from .metrics import classification_metrics, from_confusion
+from .metrics import from_confusion, macro_f1
 
 #: Offsets tried for classes 1 and 2 (log-probability units; exp(1.5) = 4.5x odds either way).
 GRID = np.round(np.arange(-1.5, 1.5001, 0.05), 4)
@@ -40,11 +40,6 @@ def adjusted_probs(probs: np.ndarray, offsets: np.ndarray | list[float]) -> np.n
     z = _log(probs) + np.asarray(offsets, dtype=np.float64)
     z = np.exp(z - z.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True)
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-F1 of hard labels (the competition's: :func:`lungs_utils.metrics.classification_metrics`)."""
-    return classification_metrics(y_true, y_pred)["macro_f1"]
 
 
 def fit_offsets(probs: np.ndarray, y_true: np.ndarray) -> np.ndarray:

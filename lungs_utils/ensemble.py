@@ -24,11 +24,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, f1_score
 
-from . import NUM_CLASSES
 from .errors import LungsError
 from .io import atomic_write_text
+from .metrics import classification_metrics, macro_f1
 from .predict import (PROB_COLUMNS, TEST_COLUMNS, TEST_FILE, VAL_COLUMNS, VAL_FILE, submission_frame,
                       test_frame, val_frame, write_predictions)
 
@@ -75,11 +74,6 @@ class Aligned(NamedTuple):
     val_probs: np.ndarray  # (M, N, 3)
     test_ids: np.ndarray  # (T,)
     test_probs: np.ndarray  # (M, T, 3)
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-F1, the competition metric."""
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,13 +302,12 @@ def write_ensemble(result: EnsembleResult, out_dir: str | os.PathLike[str]) -> d
         "note": OPTIMISM_NOTE if result.method == "weighted" else "",
         "crossfit_vs_best_member": result.honest,
     }
-    y_true, y_pred = result.val_frame["true"].to_numpy(), result.val_frame["predicted"].to_numpy()
-    per_class = f1_score(y_true, y_pred, labels=list(range(NUM_CLASSES)), average=None, zero_division=0)
+    scored = classification_metrics(result.val_frame["true"].to_numpy(), result.val_frame["predicted"].to_numpy())
     metrics = {
         "val_macro_f1": result.val_f1,
         "val_accuracy": result.val_accuracy,
-        "val_f1_per_class": [float(v) for v in per_class],
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(NUM_CLASSES))).tolist(),
+        "val_f1_per_class": [c["f1"] for c in scored["per_class"].values()],
+        "confusion_matrix": scored["confusion_matrix"],
         "ensemble_method": result.method,
         "optimistic": result.method == "weighted",
         "crossfit_gain_vs_best_member": result.honest["gain"] if result.honest else None,

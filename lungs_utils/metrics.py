@@ -76,6 +76,13 @@ def classification_metrics(y_true: Any, y_pred: Any, num_classes: int = NUM_CLAS
     return from_confusion(cm.reshape(num_classes, num_classes))
 
 
+def macro_f1(y_true: Any, y_pred: Any) -> float:
+    """Macro-F1 of hard labels, the competition metric: the mean of the three classes' F1, a class that
+    is never predicted (or absent) counting 0 — the one definition, used by training, predictions,
+    ensembles, the leaderboard and ``lungs score``."""
+    return classification_metrics(y_true, y_pred)["macro_f1"]
+
+
 def flat(metrics: dict[str, Any], prefix: str = "val_") -> dict[str, float]:
     """One-level dict for history rows and leaderboards: accuracy, macro_f1 and per-class F1."""
     row = {f"{prefix}accuracy": metrics["accuracy"], f"{prefix}macro_f1": metrics["macro_f1"]}

@@ -66,3 +66,26 @@ def test_unlabelled_rows_are_ignored() -> None:
 def test_flat_keys() -> None:
     row = M.flat(M.classification_metrics([0, 1, 2], [0, 1, 2]))
     assert set(row) == {"val_accuracy", "val_macro_f1", "val_f1_normal", "val_f1_other", "val_f1_covid"}
+
+
+def test_one_macro_f1_for_every_path_when_a_class_is_missing(tmp_path) -> None:
+    """COVID-19 absent from truth and predictions: scikit-learn's default macro would average two classes
+    (0.9); the competition's three-class mean is 0.6. Epoch metrics, predictions' metrics, ensembles,
+    decisions and `lungs score` all give the same value."""
+    import pandas as pd
+
+    from lungs_utils import decision, ensemble
+    from lungs_utils.submission import score_submission
+
+    y, p = np.array([0, 0, 0, 1, 1]), np.array([0, 0, 1, 1, 1])
+    expected = M.from_confusion(M.classification_metrics(y, p)["confusion_matrix"])["macro_f1"]
+    assert expected == pytest.approx((0.8 + 0.8 + 0.0) / 3)
+    assert f1_score(y, p, average="macro") == pytest.approx(0.8)  # what ensemble.py used to report
+    meter = M.ConfusionMatrix()
+    meter.update(torch.tensor(y), torch.tensor(p))
+    assert M.from_confusion(meter.matrix())["macro_f1"] == pytest.approx(expected)  # epoch metrics
+    assert M.macro_f1(y, p) == ensemble.macro_f1(y, p) == decision.macro_f1(y, p) == pytest.approx(expected)
+    truth, sub = tmp_path / "truth.csv", tmp_path / "sub.csv"
+    pd.DataFrame({"id": range(5), "target_feature": y}).to_csv(truth, index=False)
+    pd.DataFrame({"id": range(5), "target_feature": p}).to_csv(sub, index=False)
+    assert score_submission(sub, truth)["macro_f1"] == pytest.approx(expected)  # lungs score
