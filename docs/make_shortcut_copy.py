@@ -5,7 +5,7 @@ same bright corner tag as ``lungs phantom --shortcut`` (:func:`lungs_utils.phant
 seeded 90 % of the COVID-19 images, train and test alike (the test labels come from the answer key
 beside ``data/``). A classifier trained on the copy can score by the tag alone; the audit must say so::
 
-    python docs/make_shortcut_copy.py ../shared/qu-dev /tmp/qu-marked
+    python docs/make_shortcut_copy.py QU_DEV /tmp/qu-marked   # QU_DEV: a folder holding data/ and test_answers.csv
     lungs train params/cpu_small.yaml -p data_dir=/tmp/qu-marked/data -p run_name=marked
 """
 

@@ -62,12 +62,17 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
                                params["fold"], params["limit"])
     train, val, test = datasets(data, split, params, progress=progress)
     torch.manual_seed(params["seed"])  # same initial weights for the same seed
-    model = models.build(params["model"], in_channels=2 if params["masks"] == "channel" else 1)
+    model = build_model(params)
     if is_main_process():
         paths.make_run_dir(params)
         dump(params, run_dir / "params.yaml")
         atomic_write_csv(split, run_dir / "split.csv")
     return Experiment(params, run_dir, data, split, train, val, test, model)
+
+
+def build_model(params: Mapping[str, Any]) -> torch.nn.Module:
+    """The run's network by registry name: a second input channel when the lung mask is fed as one."""
+    return models.build(params["model"], in_channels=2 if params["masks"] == "channel" else 1)
 
 
 def datasets(data: data_mod.LungsData, split: pd.DataFrame, params: Mapping[str, Any], *,
@@ -246,7 +251,7 @@ def reopen(run: str | Path, *, progress: bool = True) -> Experiment:
         raise LungsError(f"{folder / 'split.csv'} names train images that {data.data_dir} does not have: the run "
                          "was made on other data; set data_dir (or LUNGS_DATA_DIR) to that data")
     train, val, test = datasets(data, split, params, progress=progress)
-    model = models.build(params["model"], in_channels=2 if params["masks"] == "channel" else 1)
+    model = build_model(params)
     load_weights(model, load_checkpoint(checkpoint), source=str(checkpoint))
     device = select_device(params["device"])
     model.to(device)
