@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install demo test test-fast test-browser lab bench clean-outputs
+.PHONY: install demo test test-fast test-browser lab tensorboard bench clean-outputs
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test-fast: install
 
 lab: install
 	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
+
+# Every run's training curves (outputs/<run>/tb/), side by side; open http://localhost:6006
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir outputs --port 6006
 
 bench: install
 	cd bench && ../$(PY) loader.py --n 600 && ../$(PY) train_step.py --n 300 --steps 6 && ../$(PY) predict.py --n 600 && ../$(PY) startup.py

@@ -93,6 +93,8 @@ SCHEMA: dict[str, Spec] = {
     "compile": _s(bool, False, "torch.compile the model"),
     "patience": _s(int, None, "early-stopping patience on val macro-F1 (null = off)", nullable=True,
                    minimum=1),
+    "tensorboard": _s(bool, True, "write TensorBoard logs (losses, macro-F1, per-class F1, learning rate, "
+                      "confusion matrix per epoch) to the run folder's tb/; `make tensorboard` shows outputs/"),
     "resume": _s(bool, False, "continue from checkpoints/last.pt of this run"),
     "overwrite": _s(bool, False, "replace a run already in this run's folder (otherwise it is refused: "
                     "resume it or choose another run_name)"),

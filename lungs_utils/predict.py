@@ -7,7 +7,6 @@ torch; their names are re-exported here for code that imports them from this mod
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from . import NUM_CLASSES
 from .errors import LungsError
+from .inference import IDENTITY, infer, view_identity
 from .presets import to_input
 from .submission import (PROB_COLUMNS, SUBMISSION_COLUMNS, SUBMISSION_FILE, TEST_COLUMNS, TEST_FILE,  # noqa: F401
                          VAL_COLUMNS, VAL_FILE, score_submission, submission_frame, test_frame,
@@ -32,11 +32,6 @@ def _rebinarise_mask(x: torch.Tensor) -> torch.Tensor:
     # Interpolation smears the {0,1} lung-mask channel; the network was trained on hard masks.
     if x.shape[1] > 1:
         x[:, 1:] = (x[:, 1:] > 0.5).to(x.dtype)
-    return x
-
-
-def view_identity(x: torch.Tensor) -> torch.Tensor:
-    """The batch as is."""
     return x
 
 
@@ -88,35 +83,21 @@ def predict_proba(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, 
     as ``masks`` says (the run's params key); ``histeq`` equalises the radiographs first, as in
     training. The model's train/eval modes are restored.
     """
-    from .progress import bar
-
     device = torch.device(device)
     param = next(model.parameters(), None)
     if param is not None and param.device.type != device.type:
         raise LungsError(f"the model is on {param.device} but prediction was asked on {device}; "
                          f"move it first with model.to({str(device)!r})")
-    views = tuple(v for v in TTA_VIEWS if flip or v is not view_hflip) if tta else (view_identity,)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    # Per-module modes, so a deliberately frozen submodule (e.g. eval-mode BatchNorm) stays as it was.
-    modes = [(m, m.training) for m in model.modules()]
-    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None else contextlib.nullcontext())
+    views = tuple((v, None) for v in TTA_VIEWS if flip or v is not view_hflip) if tta else (IDENTITY,)
     all_ids: list[np.ndarray] = []
     all_probs: list[np.ndarray] = []
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast:
-            for x, _, ids in bar(loader, desc="predict", disable=not progress, leave=False):
-                # uint8 crosses the bus (4x smaller than float), then becomes the network input there.
-                x = to_input(x.to(device, non_blocking=True), image_size, masks=masks, histeq=histeq)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                probs = sum(torch.softmax(model(view(x)).float(), dim=1) for view in views)
-                all_probs.append((probs / len(views)).cpu().numpy().astype(np.float32))
-                all_ids.append(np.asarray(ids, dtype=np.int64))
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    for probs, _, ids in infer(model, dataset, prepare=lambda x, y: (to_input(x, image_size, masks=masks,
+                                                                             histeq=histeq), y),
+                               device=device, batch_size=batch_size, views=views,
+                               transform=lambda out: torch.softmax(out, dim=1), channels_last=channels_last,
+                               autocast_dtype=autocast_dtype, progress=progress):
+        all_probs.append(probs.cpu().numpy().astype(np.float32))
+        all_ids.append(ids.numpy().astype(np.int64))
     if not all_ids:
         return np.zeros(0, np.int64), np.zeros((0, NUM_CLASSES), np.float32)
     return np.concatenate(all_ids), np.concatenate(all_probs)

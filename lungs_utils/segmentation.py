@@ -36,6 +36,7 @@ from . import data as data_mod
 from . import models, paths, presets
 from .cache import ImageArray, cached_images, probe_size
 from .errors import LungsError
+from .inference import IDENTITY, infer
 from .io import atomic_dir, atomic_write_csv, atomic_write_text
 from .metrics import MaskOverlap
 from .params import dump
@@ -117,7 +118,6 @@ def build_model(name: str) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ prediction
-@torch.inference_mode()
 def predict_masks(model: nn.Module, dataset: torch.utils.data.Dataset, *, image_size: int,
                   device: torch.device | str = "cpu", batch_size: int = 64, tta: bool = False,
                   channels_last: bool = False, autocast_dtype: torch.dtype | None = None,
@@ -127,25 +127,17 @@ def predict_masks(model: nn.Module, dataset: torch.utils.data.Dataset, *, image_
     Only the image channel of the items is used (a given mask is never an input). With ``tta`` the
     horizontally flipped view is averaged in (flipped back).
     """
-    device = torch.device(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    was_training = model.training
-    model.eval()
+    def flip(z: torch.Tensor) -> torch.Tensor:
+        return z.flip(-1)
+
     ids, probs = [], []
-    try:
-        for x, _, batch_ids in loader:
-            x = presets.to_input(x[:, :1].to(device, non_blocking=True), image_size, histeq=histeq)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                p = torch.sigmoid(model(x).float())
-                if tta:
-                    p = (p + torch.sigmoid(model(x.flip(-1)).float()).flip(-1)) / 2
-            probs.append(p[:, 0].to(torch.float16).cpu().numpy())
-            ids.append(np.asarray(batch_ids, dtype=np.int64))
-    finally:
-        model.train(was_training)
+    for p, _, batch_ids in infer(model, dataset, prepare=lambda x, y: (presets.to_input(x[:, :1], image_size,
+                                                                                       histeq=histeq), y),
+                                 device=device, batch_size=batch_size, views=(IDENTITY, (flip, flip))[:1 + tta],
+                                 transform=torch.sigmoid, channels_last=channels_last,
+                                 autocast_dtype=autocast_dtype):
+        probs.append(p[:, 0].to(torch.float16).cpu().numpy())
+        ids.append(batch_ids.numpy().astype(np.int64))
     if not ids:
         return np.zeros(0, np.int64), np.zeros((0, image_size, image_size), np.float16)
     return np.concatenate(ids), np.concatenate(probs)

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import NUM_CLASSES, presets
+from .callbacks import Callback, default_callbacks
+from .checkpoint import (CHECKPOINT_FORMAT, check_resume, load_checkpoint, load_weights,  # noqa: F401
+                         rng_state, save_checkpoint, set_rng_state, unwrap)
 from .errors import LungsError
-from .io import atomic_path, atomic_write_csv
+from .inference import infer
 from .metrics import ConfusionMatrix, flat, from_confusion
 from .progress import bar
-
-CHECKPOINT_FORMAT = "lungs-checkpoint-1"
-
 
 # ------------------------------------------------------------------------------------------------ setup
 def select_device(name: str = "auto") -> torch.device:
@@ -155,85 +155,6 @@ def make_loss(params: Mapping[str, Any], train_labels: np.ndarray) -> nn.CrossEn
                                label_smoothing=params["label_smoothing"])
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def _rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": random.getstate(),
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    for key, g in generators.items():
-        if key in state["generators"]:  # checkpoints of older versions lack newer generators
-            g.set_state(state["generators"][key])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """``torch.save`` to a temporary name, then rename: a kill leaves the old or the new file."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
-
-
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a lungs checkpoint with ``weights_only=True`` (no code runs from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LungsError(f"checkpoint {path} does not exist; train the run first or fix the path")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a checkpoint we can trust"
-        raise LungsError(f"{path} is not a lungs checkpoint ({type(exc).__name__}); use "
-                         "checkpoints/best.pt or last.pt from a run folder") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise LungsError(f"{path} is not a lungs checkpoint (no '{CHECKPOINT_FORMAT}' marker); use "
-                         "checkpoints/best.pt or last.pt from a run folder")
-    return state
-
-
-def check_resume(run_dir: str | os.PathLike[str], params: Mapping[str, Any]) -> None:
-    """Before anything is written: refuse to resume a run whose ``last.pt`` is unreadable or holds
-    another architecture (the run folder's params.yaml must keep describing its checkpoints)."""
-    last = Path(run_dir) / "checkpoints" / "last.pt"
-    if not params["resume"] or not last.is_file():
-        return
-    trained = load_checkpoint(last).get("params", {}).get("model")
-    if trained is not None and trained != params["model"]:
-        raise LungsError(f"{last} holds weights of '{trained}' that do not fit this model ('{params['model']}'); "
-                         f"set model: {trained} or choose a checkpoint of this model")
-
-
-def load_weights(model: nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Load model weights, turning an architecture mismatch into one actionable line."""
-    try:
-        unwrap(model).load_state_dict(state["model"])
-    except RuntimeError as exc:
-        trained = state.get("params", {}).get("model", "another architecture")
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise LungsError(f"{source} holds weights of '{trained}' that do not fit this model ({first[:120]}); "
-                         f"set model: {trained} or choose a checkpoint of this model") from None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 # ------------------------------------------------------------------------------------------------ loop
 @dataclass
 class TrainResult:
@@ -348,31 +269,20 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, params: Mappin
              task: Task = CLASSIFICATION) -> tuple[float, dict[str, Any]]:
     """Loss and metrics over the whole dataset (every sample counted once, across ranks)."""
     rank, world = _distributed()
-    sampler = None
-    if world > 1:
-        # Shard without padding so no sample is counted twice.
-        sampler = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=max(params["batch_size"], 64), shuffle=False,
-                                         sampler=sampler, num_workers=params["num_workers"],
-                                         pin_memory=device.type == "cuda")
-    dtype = autocast_dtype(device, params["precision"])
     meter = task.meter(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = torch.zeros((), dtype=torch.float64, device=device)
     loss_fn = loss_fn or task.make_loss(params, dataset)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for x, y, _ in bar(loader, desc="validate", leave=False, disable=not progress or rank != 0):
-            x, target = task.eval_inputs(x.to(device, non_blocking=True), y.to(device, non_blocking=True), params)
-            if params["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = model(x)
-            loss_sum += task.loss_sum(out.float(), target, loss_fn)
-            n += len(x)
-            task.update(meter, out, target)
-    model.train(was_training)
+    batches = infer(model, dataset, prepare=lambda x, y: task.eval_inputs(x, y, params), device=device,
+                    batch_size=max(params["batch_size"], 64), channels_last=params["channels_last"],
+                    autocast_dtype=autocast_dtype(device, params["precision"]),
+                    # Shard without padding so no sample is counted twice.
+                    sampler=range(rank, len(dataset), world) if world > 1 else None,
+                    num_workers=params["num_workers"], progress=progress and rank == 0, desc="validate")
+    for out, target, _ in batches:
+        loss_sum += task.loss_sum(out, target, loss_fn)
+        n += len(out)
+        task.update(meter, out, target)
     _all_sum(meter.counts)
     _all_sum(loss_sum)
     _all_sum(n)
@@ -420,25 +330,61 @@ def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Mapping
     return loss, out, target
 
 
-def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset,
-        params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None = None, *,
-        progress: bool = True, stop_after: int | None = None, task: Task = CLASSIFICATION) -> TrainResult:
-    """Train ``model`` and return its history; leaves the best epoch's weights in ``model``.
+@dataclass
+class FitState:
+    """Everything one :func:`fit` holds, shared with its callbacks (:mod:`lungs_utils.callbacks`)."""
 
-    With ``run_dir``: ``history.csv`` after every epoch, ``checkpoints/last.pt`` (full state, for exact
-    resume) and ``checkpoints/best.pt`` (best validation ``task.score``: macro-F1 for classification,
-    Dice for lung masks), all written atomically; ``params['resume']`` continues from ``last.pt``.
-    ``stop_after`` ends this call after that many epochs (the schedule still spans
-    ``params['epochs']``), for time-boxed sessions that resume later.
-    """
-    started = time.perf_counter()
+    params: Mapping[str, Any]
+    task: Task
+    model: nn.Module  # the plain (maybe compiled) module: validation, checkpoints
+    net: nn.Module  # what the training step calls: the DDP wrapper under torchrun, else ``model``
+    device: torch.device
+    loader: torch.utils.data.DataLoader
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generators: dict[str, torch.Generator]
+    dtype: torch.dtype | None = None
+    mixer: Any = None
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best one
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None  # the best weights of this call, in memory
+    improved: bool = False
+    stop: str | None = None  # set by a callback: why the loop ends now
+    stopped_early: bool = False
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    resumed_from: Path | None = None  # the checkpoint a resume continued from
+
+    def end_epoch(self, row: dict[str, Any], val_metrics: dict[str, Any]) -> None:
+        """Record a finished epoch: history row, validation metrics, best score and weights."""
+        self.epoch, self.val_metrics = row["epoch"], val_metrics
+        self.history.append(row)
+        score = val_metrics[self.task.score]
+        self.improved = score > self.best_score
+        if self.improved:
+            self.best_score, self.best_epoch, self.bad_epochs, self.best_metrics = score, self.epoch, 0, val_metrics
+            self.best_state = {k: v.detach().clone() for k, v in unwrap(self.model).state_dict().items()}
+        else:
+            self.bad_epochs += 1
+
+
+def start_fit(model: nn.Module, train_ds: torch.utils.data.Dataset, params: Mapping[str, Any],
+              task: Task = CLASSIFICATION) -> FitState:
+    """Device, seeds, memory format, compile, DDP wrapper, loader, loss, optimizer, schedule, precision."""
     rank, world = _distributed()
     device = select_device(params["device"])
     seed_everything(params["seed"])
-    run_path = Path(run_dir) if run_dir is not None else None
-    ckpt_dir = run_path / "checkpoints" if run_path is not None else None
-    memory_format = torch.channels_last if params["channels_last"] else torch.preserve_format
-    model.to(device=device, memory_format=memory_format)
+    model.to(device=device, memory_format=torch.channels_last if params["channels_last"] else torch.preserve_format)
     if params["compile"]:
         model = torch.compile(model)
     net: nn.Module = model
@@ -448,8 +394,6 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(getattr(unwrap(model), "unused_in_forward", ())))
-
-    loss_fn = task.make_loss(params, train_ds).to(device)
     # Own generators for everything random in the loop, saved in last.pt: a resumed process replays
     # them exactly. "workers" seeds DataLoader workers, which would otherwise draw from the global RNG.
     generators = {"loader": torch.Generator().manual_seed(params["seed"]),
@@ -467,109 +411,83 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         generator=generators["workers"],
         # A lone last sample would break BatchNorm; drop only that case.
         drop_last=per_rank % params["batch_size"] == 1 and per_rank > 1)
-    steps = max(1, len(loader))
     optimizer = make_optimizer(unwrap(model), params)
-    scheduler = make_scheduler(optimizer, params, steps)
     dtype = autocast_dtype(device, params["precision"])
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    mixer = presets.mix(params) if isinstance(task, Classification) else None
+    return FitState(params=params, task=task, model=model, net=net, device=device, loader=loader,
+                    loss_fn=task.make_loss(params, train_ds).to(device), optimizer=optimizer,
+                    scheduler=make_scheduler(optimizer, params, max(1, len(loader))),
+                    scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                    generators=generators, dtype=dtype,
+                    mixer=presets.mix(params) if isinstance(task, Classification) else None, rank=rank, world=world)
 
-    history: list[dict[str, Any]] = []
-    start_epoch, best_score, best_epoch, bad_epochs = 0, -math.inf, 0, 0
-    best_metrics: dict[str, Any] = {}
-    best_state: dict[str, torch.Tensor] | None = None
-    last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
-    if ckpt_dir is not None and rank == 0:
-        for leftover in ckpt_dir.glob(".*.tmp"):  # from a run killed while saving
-            leftover.unlink(missing_ok=True)
-    if params["resume"] and last_path is not None and last_path.is_file():
-        state = load_checkpoint(last_path, map_location=device)
-        load_weights(model, state, str(last_path))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], generators)
-        start_epoch, best_score, best_epoch = state["epoch"], state["best_score"], state["best_epoch"]
-        bad_epochs, history = state["bad_epochs"], list(state["history"])
-        best_metrics = state["best_metrics"]
-        if rank == 0:
-            print(f"resuming from {last_path} after epoch {start_epoch}")
 
-    stopped_early = False
-    images_seen, train_seconds = 0, 0.0
-    epochs = bar(range(start_epoch, params["epochs"]), desc="epochs", disable=not progress or rank != 0,
-                 initial=start_epoch, total=params["epochs"])
-    for epoch in epochs:
-        if world > 1:
-            sampler.set_epoch(epoch)
-        net.train()
-        epoch_params = {**params, "image_size": train_size(params, epoch)}
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        meter = task.meter(device)
-        n_seen = 0
-        for x, y, _ in bar(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or rank != 0):
-            y = y.to(device, non_blocking=True)
-            loss, out, target = train_step(net, x, y, epoch_params, loss_fn=loss_fn, optimizer=optimizer,
-                                           scaler=scaler, scheduler=scheduler, mixer=mixer,
-                                           generator=generators["augment"], dtype=dtype, task=task)
-            # Device-side bookkeeping only: no .item() (a sync) per batch.
-            loss_sum += loss.detach().double() * y.shape[0]
-            task.update(meter, out.detach(), target)
-            n_seen += y.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        images_seen += n_seen * world
-        train_seconds += seconds
-        _all_sum(meter.counts)
-        _all_sum(loss_sum)
-        check_finite(float(loss_sum), epoch + 1, params)
-        train_metrics = task.metrics(meter)
+def train_one_epoch(s: FitState, epoch: int, *, progress: bool = False) -> dict[str, Any]:
+    """One pass over the training set (epoch is 0-based); returns the history row's training part."""
+    if s.world > 1:
+        s.loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    s.net.train()
+    params = {**s.params, "image_size": train_size(s.params, epoch)}
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+    meter = s.task.meter(s.device)
+    n_seen = 0
+    for x, y, _ in bar(s.loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or s.rank != 0):
+        y = y.to(s.device, non_blocking=True)
+        loss, out, target = train_step(s.net, x, y, params, loss_fn=s.loss_fn, optimizer=s.optimizer,
+                                       scaler=s.scaler, scheduler=s.scheduler, mixer=s.mixer,
+                                       generator=s.generators["augment"], dtype=s.dtype, task=s.task)
+        # Device-side bookkeeping only: no .item() (a sync) per batch.
+        loss_sum += loss.detach().double() * y.shape[0]
+        s.task.update(meter, out.detach(), target)
+        n_seen += y.shape[0]
+    if s.device.type == "cuda":
+        torch.cuda.synchronize(s.device)
+    seconds = time.perf_counter() - t0
+    s.images_seen += n_seen * s.world
+    s.train_seconds += seconds
+    _all_sum(meter.counts)
+    _all_sum(loss_sum)
+    check_finite(float(loss_sum), epoch + 1, s.params)
+    return {"epoch": epoch + 1, "lr": s.optimizer.param_groups[0]["lr"], "train_size": params["image_size"],
+            "train_loss": float(loss_sum) / max(1, n_seen * s.world), **s.task.flat(s.task.metrics(meter), "train_"),
+            "train_seconds": seconds, "images_per_s": n_seen * s.world / max(seconds, 1e-9)}
+
+
+def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset,
+        params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None = None, *,
+        progress: bool = True, stop_after: int | None = None, task: Task = CLASSIFICATION,
+        callbacks: Sequence[Callback] | None = None) -> TrainResult:
+    """Train ``model`` and return its history; leaves the best epoch's weights in ``model``.
+
+    Each epoch: :func:`train_one_epoch`, :func:`evaluate` on the whole validation set, then the
+    callbacks (:func:`lungs_utils.callbacks.default_callbacks` unless given). With ``run_dir`` they write
+    ``history.csv``, ``checkpoints/last.pt`` (full state, for exact resume with ``params['resume']``),
+    ``checkpoints/best.pt`` (best validation ``task.score``: macro-F1, or Dice for lung masks) and
+    TensorBoard logs in ``tb/``. ``stop_after`` ends this call after that many epochs (the schedule
+    still spans ``params['epochs']``), for time-boxed sessions that resume later.
+    """
+    started = time.perf_counter()
+    s = start_fit(model, train_ds, params, task)
+    callbacks = default_callbacks(params, run_dir, progress=progress, stop_after=stop_after) \
+        if callbacks is None else list(callbacks)
+    for callback in callbacks:
+        callback.on_fit_start(s)
+    for epoch in range(s.epoch, params["epochs"]):
+        row = train_one_epoch(s, epoch, progress=progress)
         t1 = time.perf_counter()
         # The plain module, not the DDP wrapper: DDP's per-forward buffer broadcast would deadlock
         # when ranks hold different numbers of validation batches.
-        val_loss, val_metrics = evaluate(model, val_ds, params, device, loss_fn, progress=progress, task=task)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_size": epoch_params["image_size"],
-               "train_loss": float(loss_sum) / max(1, n_seen * world),
-               **task.flat(train_metrics, "train_"), "val_loss": val_loss, **task.flat(val_metrics, "val_"),
-               "train_seconds": seconds, "val_seconds": time.perf_counter() - t1,
-               "images_per_s": n_seen * world / max(seconds, 1e-9)}
-        history.append(row)
-        score = val_metrics[task.score]
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch + 1, 0
-            best_metrics = val_metrics
-        else:
-            bad_epochs += 1
-        if progress and rank == 0:
-            epochs.set_postfix({"loss": f"{row['train_loss']:.3f}", f"val_{task.score}": f"{score:.3f}",
-                                "best": f"{best_score:.3f}"})
-        state = {"format": CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(), "epoch": epoch + 1,
-                 "best_score": best_score, "score": task.score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                 "val_metrics": val_metrics, "best_metrics": best_metrics, "params": dict(params)}
-        if improved:
-            best_state = {k: v.detach().clone() for k, v in state["model"].items()}
-        if rank == 0 and ckpt_dir is not None:
-            if improved:
-                save_checkpoint(ckpt_dir / "best.pt", state)
-            save_checkpoint(ckpt_dir / "last.pt", {
-                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": _rng_state(generators), "history": history})
-            atomic_write_csv(pd.DataFrame(history), run_path / "history.csv")
-        if params["patience"] is not None and bad_epochs >= params["patience"]:
-            stopped_early = True
+        val_loss, val_metrics = evaluate(s.model, val_ds, params, s.device, s.loss_fn, progress=progress, task=task)
+        s.end_epoch({**row, "val_loss": val_loss, **task.flat(val_metrics, "val_"),
+                     "val_seconds": time.perf_counter() - t1}, val_metrics)
+        for callback in callbacks:
+            callback.on_epoch_end(s)
+        if s.stop:
             break
-        if stop_after is not None and epoch + 1 - start_epoch >= stop_after:
-            break
-
-    # Leave the best epoch's weights in the model, whatever epoch training ended on.
-    if best_state is not None:
-        unwrap(model).load_state_dict(best_state)
-    elif ckpt_dir is not None and (ckpt_dir / "best.pt").is_file():
-        load_weights(model, load_checkpoint(ckpt_dir / "best.pt", map_location=device))
-    checkpoints = {k: ckpt_dir / f"{k}.pt" for k in ("best", "last")} if ckpt_dir is not None else {}
-    return TrainResult(pd.DataFrame(history), best_metrics, best_epoch, len(history), stopped_early,
+    for callback in callbacks:
+        callback.on_fit_end(s)
+    if s.best_state is not None:  # the best epoch's weights, whatever epoch training ended on
+        unwrap(s.model).load_state_dict(s.best_state)
+    return TrainResult(pd.DataFrame(s.history), s.best_metrics, s.best_epoch, len(s.history), s.stopped_early,
                        time.perf_counter() - started,
-                       images_seen / train_seconds if train_seconds else 0.0, str(device), checkpoints)
+                       s.images_seen / s.train_seconds if s.train_seconds else 0.0, str(s.device), s.checkpoints)

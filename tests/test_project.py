@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -90,3 +91,47 @@ def test_every_path_the_suite_names_exists() -> None:
     missing = sorted({f"{where}: {ref}" for where, ref in refs
                       if not (list(ROOT.glob(ref)) if "*" in ref else (ROOT / ref).exists())})
     assert not missing, "named but absent:\n" + "\n".join(missing)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The lungs_utils modules a module imports when it is imported (not inside functions, not for
+    type checking only)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lungs_utils."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_the_package_has_no_import_circle() -> None:
+    """Dependencies point one way (docs/design.md): a circle would make import order matter."""
+    package = ROOT / "lungs_utils"
+    modules = {p.stem: p for p in package.glob("*.py")}
+    modules["models"] = package / "models" / "__init__.py"
+    graph = {name: _top_level_imports(path) & set(modules) for name, path in modules.items()}
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        for dep in graph[name]:
+            assert dep not in trail, f"import circle: {' -> '.join(trail[trail.index(dep):] + (dep,))}"
+            visit(dep, trail + (dep,))
+
+    for name in graph:
+        visit(name, (name,))
+    assert "experiment" not in graph["segmentation"] and "paths" in graph["experiment"]
+
+
+def test_every_param_is_read_somewhere() -> None:
+    """No dead params keys: each one is used by the package or a notebook."""
+    from lungs_utils.params import SCHEMA
+
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "lungs_utils").rglob("*.py")
+                        if p.name != "params.py")
+    sources += "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "notebooks").glob("*.ipynb"))
+    unused = [k for k in SCHEMA if not re.search(rf"""["']{k}["']|\\"{k}\\"|\b{k} ?=|\.{k}\b""", sources)]
+    assert not unused, f"params nothing reads: {unused}"

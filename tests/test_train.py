@@ -357,6 +357,7 @@ def test_a_diverging_loss_stops_the_run_before_anything_is_saved_from_it(tmp_pat
         T.fit(tiny_net(), train, val, p, tmp_path, progress=False)
     assert not (tmp_path / "checkpoints" / "last.pt").exists()  # nothing saved from a broken model
     assert not (tmp_path / "history.csv").exists()
+    assert not (tmp_path / "tb").exists()  # no event file either: the folder stays reusable
 
 
 @pytest.mark.parametrize("override", ["lr=.inf", "lr=.nan", "weight_decay=-.inf", "grad_clip=.nan"])
