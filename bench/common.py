@@ -5,8 +5,6 @@ one process run and prints the figures and the ratio."""
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+from lungs_utils.hardware import describe_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,9 +39,10 @@ def phantom_data(folder: Path, n: int, size: int) -> Path:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The machine in one line, e.g. ``AMD EPYC, 2 cores, AVX512-BF16, no GPU, torch 2.14.1, 2 threads``: the
+    CPU's instruction set decides CPU figures (bf16 or not), so it goes with every benchmark's numbers."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{describe_cpu()}, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def rate(fn: Callable[[], int], min_seconds: float = 3.0, sync: bool = False) -> float:

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lungs_utils.hardware import describe_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ("import json, sys\nfrom lungs_utils.cli import main\n"
          "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
@@ -78,7 +80,8 @@ def main() -> None:
             runs.sort(key=lambda r: r["seconds"])
             rows.append((name, runs[len(runs) // 2]))
     seconds, rss = sorted(torch_alone)[len(torch_alone) // 2]
-    print(f"{os.cpu_count()} CPU cores, Python {sys.version.split()[0]}; median of {args.repeat} fresh processes")
+    # describe_cpu, not common.machine(): this benchmark's own process stays without torch.
+    print(f"machine: {describe_cpu()}, Python {sys.version.split()[0]}; median of {args.repeat} fresh processes")
     print(f"{'command':50s} {'seconds':>8s} {'peak MB':>8s} {'exit':>5s}  imports torch")
     label = 'python -c "import torch" (for comparison)'
     print(f"{label:50s} {seconds:8.2f} {rss:8.0f} {'':>5s}  yes")

@@ -3,7 +3,7 @@
 A run is ``params/<x>.yaml`` (+ ``-p key=value`` overrides) → the notebook named by its ``notebook:``
 key, executed into ``outputs/<run_name>/<notebook>`` with the resolved params injected after its
 ``parameters`` cell. Beside the executed notebook the runner writes ``params.yaml`` (resolved) and
-``run.json`` (git commit, package versions, device, timings, status); the notebook writes the rest.
+``run.json`` (git commit, package versions, device, CPU kind, timings, status); the notebook writes the rest.
 
 An existing run folder is never overwritten silently: ``on_exists`` is ``error`` (the default, whose
 message names the options), ``resume`` (same folder, ``resume: true`` so training continues from
@@ -32,6 +32,7 @@ import pandas as pd
 
 from . import params as params_mod
 from .errors import LungsError
+from .hardware import cpu_kind, describe_cpu
 from .io import atomic_write_text
 from .paths import (CLAIMED_ENV, LOCK_FILE, already_running, lock_holder, make_run_dir, project_root, run_dir,
                     run_product)
@@ -262,7 +263,8 @@ def versions() -> dict[str, str | None]:
 
 
 def device_description(name: str) -> str:
-    """The device a run with ``device: name`` gets on this machine, e.g. ``cuda:0 (NVIDIA H100)``."""
+    """The device a run with ``device: name`` gets on this machine, e.g. ``cuda:0 (NVIDIA H100)`` or
+    ``cpu (AMD EPYC, 2 cores, AVX512-BF16)``."""
     import torch
 
     from .train import select_device
@@ -270,7 +272,7 @@ def device_description(name: str) -> str:
     device = select_device(name)
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({os.cpu_count()} cores)"
+    return f"cpu ({describe_cpu()})"
 
 
 def _write_run_json(folder: Path, info: Mapping[str, Any]) -> None:
@@ -391,6 +393,8 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
             "platform": platform.platform(),
             "host": socket.gethostname(),
             "device": device_description(values["device"]),
+            # Also on GPU runs: the CPU decodes, augments and caches, and the machines' CPUs differ.
+            "cpu": cpu_kind(),
         })
         params_mod.dump(values, folder / "params.yaml")
         _write_run_json(folder, info)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import NUM_CLASSES, presets
+from . import NUM_CLASSES, hardware, presets
 from .callbacks import Callback, default_callbacks
 from .checkpoint import (CHECKPOINT_FORMAT, check_resume, load_checkpoint, load_weights,  # noqa: F401
                          rng_state, save_checkpoint, set_rng_state, unwrap)
@@ -52,7 +52,13 @@ def seed_everything(seed: int) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is ~1.7x fp32."""
+    """True where the convolutions get bf16 instructions (AVX512-BF16 or AMX, and not capped below them
+    by ``ONEDNN_MAX_CPU_ISA``): there bf16 autocast is ~1.5x fp32; elsewhere bf16 is emulated and ~10x
+    slower (measured: 15 vs 162 img/s under an AVX2 cap). :mod:`lungs_utils.hardware` reads the CPU and
+    the cap; without /proc/cpuinfo, torch's own probes decide."""
+    kind = hardware.cpu_kind()
+    if kind["isa"] != hardware.UNKNOWN:
+        return kind["bf16"]
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         probe = getattr(torch.cpu, name, None)  # private probes: absent in some torch builds
         try:

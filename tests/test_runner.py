@@ -139,7 +139,7 @@ def test_run_writes_executed_notebook_params_and_run_json(stub: Path) -> None:
     assert info["status"] == "ok" and info["error"] is None and info["wall_seconds"] > 0
     assert info["overrides"] == ["seed=1"] and info["params_file"] == str(stub)
     assert set(info["versions"]) == {"torch", "torchvision", "numpy", "pandas", "papermill", "lungs"}
-    for key in ("git_commit", "python", "platform", "device", "started", "finished"):
+    for key in ("git_commit", "python", "platform", "device", "cpu", "started", "finished"):
         assert key in info
     assert info["device"].startswith(("cpu", "cuda"))
     assert not (folder / ".lock").exists()

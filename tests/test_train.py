@@ -94,6 +94,19 @@ def test_precision_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert T.autocast_dtype(cpu, "fp32") is None
 
 
+def test_auto_precision_follows_the_cpu_kind_and_an_isa_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungs_utils import hardware
+
+    zen5 = "model name : AMD EPYC\nflags : fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16\n"
+    for env, native in (({}, True), ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False), ({"ATEN_CPU_CAPABILITY": "avx2"}, True)):
+        monkeypatch.setattr(hardware, "cpu_kind", lambda env=env: hardware.parse_cpuinfo(zen5, env, cores=2))
+        assert T.cpu_has_native_bf16() is native, env
+        assert T.autocast_dtype(torch.device("cpu"), "auto") is (torch.bfloat16 if native else None)
+    avx2_only = "model name : Intel Xeon\nflags : fpu sse2 avx avx2\n"
+    monkeypatch.setattr(hardware, "cpu_kind", lambda: hardware.parse_cpuinfo(avx2_only, {}, cores=2))
+    assert T.autocast_dtype(torch.device("cpu"), "auto") is None
+
+
 def test_cuda_requested_without_gpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
