@@ -197,6 +197,7 @@ class TensorBoard(Callback):
             from .plots import confusion_matrix
 
             fig = confusion_matrix(cm, title=f"Validation confusion matrix, epoch {s.epoch}")
+            fig.tight_layout()  # add_figure renders the canvas as is: keep the class names inside it
             self.writer.add_figure("val/confusion_matrix", fig, s.epoch, close=False)
         self.writer.flush()
 
