@@ -1,13 +1,15 @@
 """The training loop: ``fit(model, train_ds, val_ds, params, run_dir)``.
 
-One readable loop (data → augment → forward → loss → step), with the choices made by params:
-optimizer, loss, schedule, precision, memory format, compile, early stopping, checkpoints and exact
-resume. Validation runs on the whole validation set every epoch; metrics come from one confusion matrix
-(see :mod:`lungs_utils.metrics`). With ``torch.distributed`` initialised (torchrun), the model is wrapped
-in DistributedDataParallel, each rank sees its shard, and confusion matrices / losses are summed across
-ranks so the metrics equal a single-process evaluation; only rank 0 writes files.
+Read as torchvision's reference trainer: :func:`start_fit` makes the choices params name (device,
+seeds, memory format, compile, DDP, loader, loss, optimizer, schedule, precision); each epoch is
+:func:`train_one_epoch` (data → augment → forward → loss → step, :func:`train_step`) and
+:func:`evaluate` on the whole validation set (metrics from one confusion matrix, see
+:mod:`lungs_utils.metrics`); everything around the loop — checkpoints and exact resume, history, early
+stopping, progress, log lines, TensorBoard — is a callback (:mod:`lungs_utils.callbacks`). With
+``torch.distributed`` initialised (torchrun), the model is wrapped in DistributedDataParallel, each rank
+sees its shard, and confusion matrices / losses are summed across ranks so the metrics equal a
+single-process evaluation; only rank 0 writes files.
 """
-
 from __future__ import annotations
 
 import math
@@ -27,12 +29,14 @@ from torch import nn
 
 from . import NUM_CLASSES, hardware, presets
 from .callbacks import Callback, default_callbacks
-from .checkpoint import (CHECKPOINT_FORMAT, check_resume, load_checkpoint, load_weights,  # noqa: F401
-                         rng_state, save_checkpoint, set_rng_state, unwrap)
+# check_resume and load_checkpoint are re-exported: callers (experiment, segmentation, runner, docs
+# scripts, notebooks' users) import them from here.
+from .checkpoint import check_resume, load_checkpoint, load_weights, unwrap  # noqa: F401
 from .errors import LungsError
 from .inference import infer
 from .metrics import ConfusionMatrix, flat, from_confusion
 from .progress import bar
+
 
 # ------------------------------------------------------------------------------------------------ setup
 def select_device(name: str = "auto") -> torch.device:
