@@ -35,7 +35,7 @@ from common import ROOT, machine
 from lungs_utils import data as D
 from lungs_utils import params as P
 from lungs_utils import paths, phantom
-from lungs_utils.errors import LungsError
+from lungs_utils.errors import LungsError, failure_line
 from lungs_utils.runner import device_description
 
 COMPETITION = {"n": 27_000, "n_test": 6_920, "size": 256}
@@ -164,9 +164,8 @@ def train(command: list[str], run_dir: Path, log: Path, epochs: int) -> tuple[fl
             raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        why = next((ln for ln in reversed(lines) if ln.startswith("error: ")), lines[-1] if lines else "no output")
-        raise LungsError(f"lungs train failed (exit {proc.returncode}): {why[:300]}; the whole log is in {log}")
+        raise LungsError(f"lungs train failed (exit {proc.returncode}): {failure_line(log)[:300]}; "
+                         f"the whole log is in {log}")
     return wall, ends
 
 

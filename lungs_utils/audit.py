@@ -120,12 +120,17 @@ def _spread(values: np.ndarray) -> dict[str, float | None]:
             "p90": float(np.percentile(v, 90)), "n": int(len(v))}
 
 
+def _skill(full_f1: float) -> float:
+    """Macro-F1 above chance (1 / classes)."""
+    return full_f1 - 1.0 / len(CLASS_NAMES)
+
+
 def flags(result: Mapping[str, Any]) -> list[str]:
     """Plain-language warnings for an audit result (empty when nothing looks wrong, and for a model
     without skill, whose attention says nothing)."""
     b = result["blanking"]
     chance = 1.0 / len(CLASS_NAMES)
-    skill = b["full"] - chance
+    skill = _skill(b["full"])
     if skill <= MIN_SKILL:
         return []
     out = []
@@ -148,7 +153,7 @@ def run(model: torch.nn.Module, data: LungsData, val: XrayDataset, params: Mappi
 
     Without lung masks the result is ``{"status": "skipped", "reason": ...}`` and the table None.
     """
-    from .metrics import classification_metrics
+    from .metrics import macro_f1
     from .predict import predict_proba
 
     t0 = time.perf_counter()
@@ -165,7 +170,7 @@ def run(model: torch.nn.Module, data: LungsData, val: XrayDataset, params: Mappi
     for name, dataset in (("full", val), ("outside_blanked", blanked(val, lungs, "lungs")),
                           ("lungs_blanked", blanked(val, lungs, "outside"))):
         _, probs = predict_proba(model, dataset, **kwargs)
-        scores[name] = float(classification_metrics(y, probs.argmax(axis=1))["macro_f1"])
+        scores[name] = float(macro_f1(y, probs.argmax(axis=1)))
     share = per_image["share"]
     result: dict[str, Any] = {
         "status": "ok", "mask_source": source, "n": int(len(y)), "layer": str(per_image.pop("layer")),
@@ -192,7 +197,7 @@ def summary_line(result: Mapping[str, Any] | None) -> str:
              f"{per}); the lungs cover {result['lung_area']:.0%} of the input ({result['mask_source']}).",
              f"validation macro-F1: whole image {b['full']:.3f}, outside the lungs blanked "
              f"{b['outside_blanked']:.3f}, lungs blanked {b['lungs_blanked']:.3f}."]
-    if b["full"] - 1.0 / len(CLASS_NAMES) <= MIN_SKILL:
+    if _skill(b["full"]) <= MIN_SKILL:
         lines.append("The model scores near chance: there is nothing to audit yet.")
     else:
         lines += [f"WARNING: {f}" for f in result["flags"]] or [

@@ -24,7 +24,7 @@ import torch
 
 from . import data as data_mod
 from . import calibration, decision, models, paths, predict
-from .errors import LungsError
+from .errors import LungsError, failure_line
 from .io import atomic_write_csv, atomic_write_text
 from .params import dump
 from .train import (TrainResult, autocast_dtype, check_resume, fit, is_main_process, load_checkpoint, load_weights,
@@ -132,11 +132,9 @@ def train_torchrun(exp: Experiment, nproc: int) -> TrainResult:
             print(line, end="", flush=True)
         code = proc.wait()
     if code != 0:
-        lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        # The suite's own one-line error if a rank printed one, else torchrun's last word.
-        why = next((ln for ln in lines if ln.startswith("error: ")), lines[-1] if lines else "(no output)")
-        raise LungsError(f"torchrun with {nproc} processes failed (exit {code}): {why[:300]}; "
-                         f"the whole log is in {log_path}")
+        # A rank's own one-line error if one printed it, else torchrun's last word.
+        raise LungsError(f"torchrun with {nproc} processes failed (exit {code}): "
+                         f"{failure_line(log_path)[:300]}; the whole log is in {log_path}")
     device = next(exp.model.parameters()).device
     load_weights(exp.model, load_checkpoint(exp.run_dir / "checkpoints" / "best.pt", map_location=device))
     history = pd.read_csv(exp.run_dir / "history.csv")
@@ -169,10 +167,10 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
         # Measured always; applied with `calibrate` (classes, and so every F1 below, are unchanged).
         calibrated = {**calibration.summary(val_probs, val_true, seed=p["seed"]), "applied": p["calibrate"]}
         exp.outputs["val_probs_raw"] = val_probs
-    if calibrated is not None and p["calibrate"]:
-        val_probs = calibration.apply_temperature(val_probs, calibrated["temperature"]).astype(np.float32)
-        if len(test_ids):
-            test_probs = calibration.apply_temperature(test_probs, calibrated["temperature"]).astype(np.float32)
+        if p["calibrate"]:
+            val_probs = calibration.apply_temperature(val_probs, calibrated["temperature"]).astype(np.float32)
+            if len(test_ids):
+                test_probs = calibration.apply_temperature(test_probs, calibrated["temperature"]).astype(np.float32)
     val_frame = predict.val_frame(val_ids, val_true, val_probs)
     test_frame = predict.test_frame(test_ids, test_probs) if len(test_ids) else None
     metrics = classification_metrics(val_true, val_probs.argmax(axis=1))
@@ -232,7 +230,7 @@ def audit(exp: Experiment, *, progress: bool = True) -> dict[str, Any] | None:
 def reopen(run: str | Path, *, progress: bool = True) -> Experiment:
     """A finished classifier run rebuilt from its folder — params.yaml, split.csv and the best
     checkpoint — without writing anything (for ``lungs audit RUN``)."""
-    folder = Path(run) if Path(run).is_dir() else paths.outputs_dir() / str(run)
+    folder = paths.named_run(run)
     if not (folder / "params.yaml").is_file():
         raise LungsError(f"{folder} is not a run folder (no params.yaml); pass a run name under outputs/ or a "
                          "run folder")
@@ -253,10 +251,8 @@ def reopen(run: str | Path, *, progress: bool = True) -> Experiment:
     train, val, test = datasets(data, split, params, progress=progress)
     model = build_model(params)
     load_weights(model, load_checkpoint(checkpoint), source=str(checkpoint))
-    device = select_device(params["device"])
-    model.to(device)
-    if params["channels_last"]:
-        model.to(memory_format=torch.channels_last)
+    model.to(device=select_device(params["device"]),
+             memory_format=torch.channels_last if params["channels_last"] else torch.preserve_format)
     return Experiment(params, folder, data, split, train, val, test, model)
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from .errors import LungsError
 from .io import atomic_write_csv
-from .paths import outputs_dir
+from .paths import named_run, outputs_dir
 
 LEADERBOARD_FILE = "leaderboard.csv"
 #: Columns every leaderboard has, in display order.
@@ -84,13 +84,21 @@ def _audit_columns(metrics: dict[str, Any]) -> dict[str, Any]:
     audit = metrics.get("audit") or {}
     ok = audit.get("status") == "ok"
     calibration = metrics.get("calibration") or {}
-    ece = calibration.get("crossfit_ece_after") if calibration.get("applied") else calibration.get("ece_before")
+    # ECE of the probabilities the run saved: the raw softmax's, or when calibrated the cross-fitted
+    # figure (in-sample where the validation set was too small to cross-fit).
+    if not calibration:
+        ece = np.nan
+    elif not calibration.get("applied"):
+        ece = calibration.get("ece_before", np.nan)
+    elif calibration.get("crossfit_ece_after") is not None:
+        ece = calibration["crossfit_ece_after"]
+    else:
+        ece = calibration.get("ece_after", np.nan)
     return {
         "lung_share": audit["lung_share"]["mean"] if ok and audit["lung_share"]["mean"] is not None else np.nan,
         "lungs_blanked_f1": audit["blanking"]["lungs_blanked"] if ok else np.nan,
         "audit": ("FLAG" if audit.get("flags") else "ok") if ok else audit.get("status", ""),
-        # ECE of the probabilities the run saved: cross-fitted when calibrated, else the raw softmax's.
-        "ece": ece if ece is not None else calibration.get("ece_after", np.nan),
+        "ece": ece,
     }
 
 
@@ -239,8 +247,7 @@ def resolve_runs(names: Sequence[str | os.PathLike[str]], exclude: Sequence[str 
         return found
     out = []
     for name in names:
-        given = Path(name).expanduser()
-        folder = given if given.is_dir() else root / str(name)
+        folder = named_run(name, root)
         if not folder.is_dir():
             available = ", ".join(p.name for p in sorted(root.iterdir()) if p.is_dir() and has_predictions(p)) \
                 if root.is_dir() else ""

@@ -160,6 +160,13 @@ def run_dir(params: Mapping[str, Any]) -> Path:
     return Path(params["output_dir"]) if params.get("output_dir") else outputs_dir() / params["run_name"]
 
 
+def named_run(name: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """A run named on the command line or in ``runs``: the folder itself when ``name`` is one, else
+    ``<root>/<name>`` (root: ``outputs/``), which may not exist."""
+    given = Path(name).expanduser()
+    return given if given.is_dir() else (Path(root) if root is not None else outputs_dir()) / str(name)
+
+
 def _is_trace(folder: Path, path: Path) -> bool:
     return path.parent == folder and (path.name in RUN_TRACES or path.suffix == ".ipynb")
 

@@ -41,6 +41,7 @@ from .io import atomic_dir, atomic_write_csv, atomic_write_text
 from .metrics import MaskOverlap
 from .params import dump
 from .paths import outputs_dir
+from .predict import view_hflip
 from .train import Task, TrainResult, autocast_dtype, check_resume, fit, is_main_process, select_device
 
 NOTEBOOK = "05_lung_segmentation.ipynb"
@@ -127,13 +128,12 @@ def predict_masks(model: nn.Module, dataset: torch.utils.data.Dataset, *, image_
     Only the image channel of the items is used (a given mask is never an input). With ``tta`` the
     horizontally flipped view is averaged in (flipped back).
     """
-    def flip(z: torch.Tensor) -> torch.Tensor:
-        return z.flip(-1)
-
+    # A mirrored mask is mirrored back before it is averaged in.
+    views = (IDENTITY, (view_hflip, view_hflip)) if tta else (IDENTITY,)
     ids, probs = [], []
     for p, _, batch_ids in infer(model, dataset, prepare=lambda x, y: (presets.to_input(x[:, :1], image_size,
                                                                                        histeq=histeq), y),
-                                 device=device, batch_size=batch_size, views=(IDENTITY, (flip, flip))[:1 + tta],
+                                 device=device, batch_size=batch_size, views=views,
                                  transform=torch.sigmoid, channels_last=channels_last,
                                  autocast_dtype=autocast_dtype):
         probs.append(p[:, 0].to(torch.float16).cpu().numpy())
