@@ -284,6 +284,18 @@ def model_names() -> list[str]:
     return sorted(names)
 
 
+def bundle_params(params_path: str | os.PathLike[str], overrides: Iterable[str] | Mapping[str, Any] = (),
+                  gpus: int = 1) -> dict[str, Any]:
+    """The params a bundle bakes in: the file (found as ``lungs run`` finds it) with the overrides, and
+    torchrun over both GPUs with ``gpus=2``."""
+    from . import params as params_mod
+
+    values = params_mod.load(_params_file(params_path), overrides)
+    if gpus > 1:
+        values.update(distributed=True, nproc_per_node=gpus)
+    return values
+
+
 def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                   overrides: Iterable[str] | Mapping[str, Any] = (), user: str | None = None,
                   slug: str | None = None, title: str | None = None, gpu: bool = True,
@@ -297,7 +309,6 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
     ``out_dir`` is refused unless it is a previous bundle (then it is replaced). The user comes from
     ``user``, ``KAGGLE_USERNAME`` or kaggle.json; slug and title default to ``lungs-<run_name>``.
     """
-    from . import params as params_mod
     from .runner import find_notebook
 
     if gpus not in (1, 2):
@@ -305,9 +316,7 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
     if gpus > 1 and not gpu:
         raise LungsError(f"--gpus {gpus} and --no-gpu contradict each other; drop one")
     path = _params_file(params_path)
-    values = params_mod.load(path, overrides)
-    if gpus > 1:
-        values.update(distributed=True, nproc_per_node=gpus)
+    values = bundle_params(params_path, overrides, gpus)
     dropped = [k for k in _LOCAL_PATH_KEYS if values[k] is not None]
     if dropped:
         warnings.warn(f"{', '.join(dropped)} set to null in the Kaggle notebook (paths on this machine mean "

@@ -63,11 +63,38 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from .apply import predict_folder, summary_lines
+
+    result = predict_folder(args.run, args.images, answers=args.answers, out=args.out, masks=args.masks,
+                            mask_run=args.mask_run, progress=sys.stderr.isatty())
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """``--estimate``: the expected minutes of the recipe on this machine; no run folder is written."""
+    from .estimate import for_params, trains
+    from .runner import _check_runnable, resolve
+
+    values = resolve(args.params, args.param)
+    _check_runnable(values)
+    if not trains(values["notebook"]):
+        print(f"{values['notebook']} trains nothing: it takes seconds to a minute")
+        return 0
+    print(for_params(values, progress=sys.stderr.isatty()).line(detail=True))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import run
 
+    if args.estimate:
+        return _estimate(args)
     record = run(args.params, args.param, on_exists=_on_exists(args), progress_bar=sys.stderr.isatty())
     score = f", val macro-F1 {record.val_macro_f1:.4f}" if record.val_macro_f1 is not None else ""
+    if record.val_ci is not None:
+        score += f" (95% CI {record.val_ci[0]:.4f} to {record.val_ci[1]:.4f})"
     print(f"run {record.name} ok in {record.seconds / 60:.1f} min{score}: {record.run_dir}")
     print(f"executed notebook: {record.notebook}")
     return 0
@@ -76,12 +103,20 @@ def _run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .distributed import main as train_main
 
+    if args.estimate:
+        return _estimate(args)
     return train_main(str(args.params), args.param, _on_exists(args))
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .runner import format_summary, pipeline
+    from .runner import expand, format_summary, pipeline
 
+    if args.estimate:
+        for path in expand(args.paths):
+            args.params = path
+            print(f"{path.name}: ", end="", flush=True)
+            _estimate(args)
+        return 0
     records = pipeline(args.paths, args.param, on_exists=_on_exists(args), answers=args.answers)
     print(format_summary(records))
     failed = [r for r in records if not r.ok]
@@ -136,16 +171,30 @@ def _kaggle_kernel(args: argparse.Namespace) -> int:
                         title=args.title, gpu=not args.no_gpu, internet=args.internet, private=not args.public,
                         gpus=args.gpus)
     print(f"Kaggle notebook folder: {out}")
+    from .bundle import bundle_params
+    from .estimate import kaggle
+
+    expected = kaggle(bundle_params(args.params, args.param, args.gpus), gpus=args.gpus)
+    print(expected["line"])
+    if expected["warning"]:
+        print(expected["warning"], file=sys.stderr)
     if args.push:
         print(push_kernel(out))
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .submission import score_submission
+    from .bootstrap import Interval, verdict
+    from .submission import compare_submissions
 
-    m = score_submission(args.file, args.answers)
-    print(f"macro-F1 {m['macro_f1']:.4f}  accuracy {m['accuracy']:.4f}  ({sum(map(sum, m['confusion_matrix']))} rows)")
+    rows = compare_submissions(args.files, args.answers)
+    for row in rows:
+        line = (f"macro-F1 {row['macro_f1']:.4f} (95% CI {row['low']:.4f} to {row['high']:.4f})  accuracy "
+                f"{row['accuracy']:.4f}  ({row['n']} rows)")
+        print(line if len(rows) == 1 else f"{line}  {row['file']}")
+    for row in rows[1:]:
+        print(f"{row['file']} vs {rows[0]['file']}: {verdict(Interval(**row['vs_first']))} (paired over the same "
+              f"{row['n']} images)")
     return 0
 
 
@@ -159,6 +208,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                        help="if the run folder exists, use <run_name>-2, -3, ... instead")
     group.add_argument("--overwrite", action="store_true",
                        help="replace a run already in the run folder (same as -p overwrite=true)")
+    group.add_argument("--estimate", action="store_true",
+                       help="time a few real steps here and print the expected minutes of the whole recipe "
+                            "(folds included); writes no run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run names under outputs/ or run folders")
     p.set_defaults(func=_audit)
 
+    p = sub.add_parser("predict", help="predict any X-ray films with a finished run (classifier, cross-validation "
+                                       "or ensemble): predictions.csv; with --answers macro-F1 and the confusion matrix")
+    p.add_argument("run", help="a finished run: name under outputs/ or its folder")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGES",
+                   help="a folder of films (PNG, JPEG, TIFF, BMP; any size, RGB or 16-bit) or image files")
+    p.add_argument("--answers", type=Path, metavar="CSV",
+                   help="the films' classes: id,target_feature (ids from names like img_<id>.png) or file,target_feature")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for predictions.csv (default outputs/predictions/<run>-<folder>)")
+    masks = p.add_mutually_exclusive_group()
+    masks.add_argument("--masks", type=Path, metavar="DIR", help="the films' lung masks, named like the films "
+                       "(runs trained with masks need them; with --answers the shortcut audit runs on them)")
+    masks.add_argument("--mask-run", metavar="RUN", help="a lung segmentation run that predicts the films' masks")
+    p.set_defaults(func=_predict)
+
     p = sub.add_parser("leaderboard", help="print every run in outputs/ and write outputs/leaderboard.csv")
     p.set_defaults(func=_leaderboard)
 
@@ -235,8 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push", action="store_true", help="upload and run it on Kaggle (needs credentials)")
     p.set_defaults(func=_kaggle_kernel)
 
-    p = sub.add_parser("score", help="score a submission against a truth file (e.g. the phantom's test_answers.csv)")
-    p.add_argument("file", type=Path, help="submission.csv")
+    p = sub.add_parser("score", help="score submissions against a truth file (e.g. the phantom's test_answers.csv): "
+                                     "macro-F1 with its 95%% interval; several files: each one's gap to the first, "
+                                     "paired")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="submission.csv (one or more)")
     p.add_argument("--answers", type=Path, required=True, help="id,target_feature truth file")
     p.set_defaults(func=_score)
 

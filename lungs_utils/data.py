@@ -40,6 +40,11 @@ class LungsData:
     test: ImageArray
     masks: ImageArray | None  # aligned with ``train`` when train_lung_masks/ is complete
     cache_dir: Path
+    #: The polarity detector fitted on these train films (:mod:`lungs_utils.polarity`), and which train /
+    #: test films it found intensity-inverted: those are used turned upright (see :class:`XrayDataset`).
+    polarity: np.ndarray | None = None
+    flipped_train: np.ndarray | None = None
+    flipped_test: np.ndarray | None = None
 
     @property
     def synthetic(self) -> bool:
@@ -87,7 +92,45 @@ def load(data_dir: str | os.PathLike[str] | None = None, *, cache_dir: str | os.
     if mask_files and all(i in mask_files for i in ids):
         masks = cached_images("masks", ids, [mask_files[i] for i in ids], cache, size, mask=True,
                               check_coverage=True, workers=workers, progress=progress)
-    return LungsData(root, labels, train, test, masks, cache)
+    weights, flipped_train, flipped_test = film_polarity(train, test, cache)
+    return LungsData(root, labels, train, test, masks, cache, weights, flipped_train, flipped_test)
+
+
+def film_polarity(train: ImageArray, test: ImageArray, cache: Path
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The polarity detector of these train films and the train / test films it finds inverted, computed
+    once per pair of image caches (``polarity-<keys>.npz`` beside them); one warning line when any film
+    is inverted. None for a set too small to fit one (under :data:`MIN_POLARITY_FILMS` train films)."""
+    from . import polarity
+
+    if len(train) < MIN_POLARITY_FILMS or train.path is None:
+        return None, None, None
+    key = hashlib.sha256(f"{train.path.name}|{test.path.name if test.path else len(test)}|"
+                         f"t{polarity.THUMB}c{polarity.C}p{polarity.PASSES}".encode()).hexdigest()[:16]
+    path = cache / f"polarity-{key}.npz"
+    try:
+        with np.load(path) as saved:
+            weights, flipped_train, flipped_test = saved["weights"], saved["train"], saved["test"]
+    except (OSError, ValueError, KeyError):
+        weights = polarity.fit(train.images)
+        flipped_train, flipped_test = polarity.inverted(weights, train.images), polarity.inverted(weights, test.images)
+        from .io import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, weights=weights, train=flipped_train, test=flipped_test)
+        for stale in cache.glob("polarity-*.npz"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    if flipped_train.any() or flipped_test.any():
+        first = (train.ids[flipped_train] if flipped_train.any() else test.ids[flipped_test])[0]
+        warnings.warn(f"{int(flipped_train.sum())} of {len(train)} train and {int(flipped_test.sum())} of {len(test)} "
+                      f"test film(s) look intensity-inverted (lungs bright, bones dark), e.g. img_{first}.png: they "
+                      "are used turned upright (lungs_utils/polarity.py)", DataWarning, stacklevel=3)
+    return weights, flipped_train, flipped_test
+
+
+#: Fewer train films than this and no polarity detector is fitted (all films are taken as they are).
+MIN_POLARITY_FILMS = 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,9 +221,12 @@ class XrayDataset(torch.utils.data.Dataset):
 
     def __init__(self, images: np.ndarray, ids: Sequence[int], labels: Sequence[int] | None = None,
                  masks: np.ndarray | None = None, indices: Sequence[int] | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 flipped: np.ndarray | None = None) -> None:
         self.images = images
         self.masks = masks
+        #: Per row of ``images``: an intensity-inverted film, read turned upright (None: none is).
+        self.flipped = flipped if flipped is not None and flipped.any() else None
         self.all_ids = np.asarray(ids, dtype=np.int64)
         self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.all_labels = None if labels is None else np.asarray(labels, dtype=np.int64)
@@ -200,11 +246,21 @@ class XrayDataset(torch.utils.data.Dataset):
     def labels(self) -> np.ndarray | None:
         return None if self.all_labels is None else self.all_labels[self.indices]
 
-    def _rows(self, idx: np.ndarray) -> torch.Tensor:
+    def films(self, idx: np.ndarray) -> np.ndarray:
+        """The films of rows ``idx`` of ``images`` as uint8 ``(N, H, W)``, inverted ones turned upright."""
         # Sorted fancy-indexing reads a memmap sequentially; reorder back afterwards.
+        idx = np.asarray(idx, dtype=np.int64)
         order = np.argsort(idx, kind="stable")
         batch = np.empty((len(idx), *self.images.shape[1:]), dtype=np.uint8)
         batch[order] = self.images[idx[order]]
+        if self.flipped is not None:
+            turn = self.flipped[idx]
+            batch[turn] = 255 - batch[turn]
+        return batch
+
+    def _rows(self, idx: np.ndarray) -> torch.Tensor:
+        order = np.argsort(idx, kind="stable")
+        batch = self.films(idx)
         x = torch.from_numpy(batch).unsqueeze(1)
         if self.masks is not None:
             m = np.empty_like(batch)
@@ -247,8 +303,10 @@ def datasets(data: LungsData, split: pd.DataFrame, *, use_masks: bool = False,
     given = data.masks.images if use_masks and data.masks is not None else None
     part = {name: position.loc[split.loc[split["split"] == name, "id"].to_numpy()].to_numpy()
             for name in ("train", "val")}
-    train = XrayDataset(data.train.images, data.train.ids, labels, given, part["train"])
+    train = XrayDataset(data.train.images, data.train.ids, labels, given, part["train"], flipped=data.flipped_train)
     val = XrayDataset(data.train.images, data.train.ids, labels,
-                      val_masks if use_masks and val_masks is not None else given, part["val"])
-    test = XrayDataset(data.test.images, data.test.ids, masks=test_masks if use_masks else None)
+                      val_masks if use_masks and val_masks is not None else given, part["val"],
+                      flipped=data.flipped_train)
+    test = XrayDataset(data.test.images, data.test.ids, masks=test_masks if use_masks else None,
+                       flipped=data.flipped_test)
     return train, val, test

@@ -1,7 +1,7 @@
 """``lungs demo``: the whole story on the phantom dataset, on a CPU, in minutes.
 
-Phantom data into ``data/phantom/`` (if absent) → the ``params/demo/`` pipeline (data notebook, two
-small models, their ensemble, the leaderboard) → ``outputs/leaderboard.csv`` → an HTML report.
+Phantom data into ``data/phantom/`` (if absent) → the ``params/demo/`` pipeline (data notebook, lung
+masks, two small classifiers, their ensemble, the leaderboard) → ``outputs/leaderboard.csv`` → an HTML report.
 
 Running it again resumes the demo's run folders instead of refusing or piling up ``-2`` copies:
 finished models are not retrained (their notebooks re-run from ``checkpoints/last.pt`` and only
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import LungsError
-from .paths import is_data_dir, outputs_dir, phantom_dir
+from .errors import DataWarning, LungsError
+from .paths import find_data_dir, is_data_dir, outputs_dir, phantom_dir
 
 
 def ensure_phantom(n_train: int = 600, n_test: int = 200, size: int = 256, seed: int = 0) -> Path:
@@ -62,11 +63,20 @@ def run_demo(n_train: int = 600, n_test: int = 200, size: int = 256, overrides: 
 
     t0 = time.perf_counter()
     fixed = parse_overrides(overrides)  # bad -p syntax fails before anything is generated
-    ensure_phantom(n_train, n_test, size)
+    phantom = ensure_phantom(n_train, n_test, size)
     files = demo_params()
     if fresh:
         _remove_demo_runs(files)
-    records = pipeline(files, fixed, on_exists="resume")
+    try:
+        real = find_data_dir(allow_phantom=False)
+    except LungsError:
+        real = None
+    # Said once, here, in the demo's words, rather than as a warning each run repeats.
+    print(f"demo data: {real}" if real else
+          f"demo data: the synthetic phantom set in {phantom} (its scores say nothing about real X-rays)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="using the SYNTHETIC phantom dataset", category=DataWarning)
+        records = pipeline(files, fixed, on_exists="resume")
     print(format_summary(records))
     table = leaderboard.gather()
     path = leaderboard.write(table)

@@ -69,5 +69,8 @@ def main(params_path: str, overrides: Iterable[str] = (), on_exists: str = "erro
     if metrics.get("task") == "segmentation":
         print(f"out-of-fold Dice {metrics['val_dice']:.4f}  IoU {metrics['val_iou']:.4f}  masks: {metrics['masks_dir']}")
     else:
-        print(f"val macro-F1 {metrics['val_macro_f1']:.4f}  accuracy {metrics['val_accuracy']:.4f}")
+        ci = metrics.get("val_macro_f1_ci")
+        interval = f" (95% CI {ci[0]:.4f} to {ci[1]:.4f}, {metrics['n_val']} images)" if ci else ""
+        which = "out-of-fold" if metrics.get("cv") else "val"
+        print(f"{which} macro-F1 {metrics['val_macro_f1']:.4f}{interval}  accuracy {metrics['val_accuracy']:.4f}")
     return 0

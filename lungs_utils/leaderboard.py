@@ -3,6 +3,12 @@
 A run folder is any ``outputs/<name>/`` with a ``metrics.json`` (model runs and ensembles); its
 ``params.yaml``, ``run.json`` and ``history.csv`` fill in the rest. Training time and throughput come
 from ``history.csv`` (every epoch, including those before a resume), not from the last session alone.
+
+Every validation macro-F1 carries its 95 % bootstrap interval (``val_f1_low`` / ``val_f1_high``), and runs
+scored on the same images (the same split, or cross-validation runs, whose out-of-fold predictions cover
+every train image) are compared with the best of them, **paired** over those images: ``vs_best`` says
+``best``, ``within noise`` (the interval of the gap holds 0) or ``behind``, with the gap and its interval.
+Runs on other images than any other run cannot be compared that way and leave it empty.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .bootstrap import f1_interval, paired_f1_difference
 from .errors import LungsError
 from .io import atomic_write_csv
 from .paths import named_run, outputs_dir
+from .submission import VAL_FILE
 
 LEADERBOARD_FILE = "leaderboard.csv"
 #: Columns every leaderboard has, in display order.
-CORE_COLUMNS = ("run", "model", "val_macro_f1", "val_accuracy", "epochs", "best_epoch", "train_minutes",
+CORE_COLUMNS = ("run", "model", "val_macro_f1", "val_f1_low", "val_f1_high", "vs_best", "gap_to_best", "gap_low",
+                "gap_high", "val_images", "val_set", "val_accuracy", "epochs", "best_epoch", "train_minutes",
                 "images_per_s", "wall_minutes", "lung_share", "lungs_blanked_f1", "audit", "ece", "status", "data",
                 "started")
 #: Params never worth a column: they name the run rather than describe it.
@@ -102,6 +111,26 @@ def _audit_columns(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _val_labels(run_dir: Path) -> pd.DataFrame | None:
+    """``id, true, predicted`` of a run's validation (or out-of-fold) predictions, sorted by id; None when
+    the file is missing or broken."""
+    try:
+        frame = pd.read_csv(run_dir / VAL_FILE, usecols=["id", "true", "predicted"])
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    return frame.astype(np.int64).sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def _interval(metrics: dict[str, Any], labels: pd.DataFrame | None) -> tuple[float, float]:
+    ci = metrics.get("val_macro_f1_ci")
+    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        return float(ci[0]), float(ci[1])
+    if labels is None or labels.empty:  # runs made before intervals, and ensembles: from their predictions
+        return np.nan, np.nan
+    found = f1_interval(labels["true"], labels["predicted"])
+    return found.low, found.high
+
+
 def row_for(run_dir: Path) -> dict[str, Any]:
     """One leaderboard row: core columns plus every param (prefixed ``param.``)."""
     metrics = _read_json(run_dir / "metrics.json")
@@ -111,10 +140,17 @@ def row_for(run_dir: Path) -> dict[str, Any]:
     model = (f"ensemble ({metrics.get('ensemble_method', params.get('ensemble_method', '?'))})"
              if is_ensemble else str(metrics.get("model") or params.get("model") or "?"))
     synthetic = metrics.get("synthetic_data")
+    labels = _val_labels(run_dir)
+    low, high = _interval(metrics, labels)
     row: dict[str, Any] = {
         "run": run_dir.name,
         "model": model,
         "val_macro_f1": metrics.get("val_macro_f1", np.nan),
+        "val_f1_low": low, "val_f1_high": high,
+        "vs_best": "", "gap_to_best": np.nan, "gap_low": np.nan, "gap_high": np.nan,
+        "val_images": len(labels) if labels is not None else metrics.get("n_val", np.nan),
+        "val_set": ("out-of-fold" if metrics.get("cv") or "out-of-fold" in str(metrics.get("val_set", ""))
+                    else "validation" if labels is not None else ""),
         "val_accuracy": metrics.get("val_accuracy", np.nan),
         "epochs": metrics.get("epochs_run", np.nan),
         "best_epoch": metrics.get("best_epoch", np.nan),
@@ -143,10 +179,36 @@ def gather(root: str | os.PathLike[str] | None = None,
     if not rows:
         return pd.DataFrame(columns=list(CORE_COLUMNS))
     table = pd.DataFrame(rows)
+    compare_with_best(table, {d.name: d for d in chosen})
     table = table.sort_values(["val_macro_f1", "run"], ascending=[False, True], na_position="last",
                               kind="stable").reset_index(drop=True)
     param_cols = sorted(c for c in table.columns if c.startswith("param."))
     return table[list(CORE_COLUMNS) + param_cols]
+
+
+def compare_with_best(table: pd.DataFrame, folders: dict[str, Path]) -> None:
+    """Fill ``vs_best``, ``gap_to_best``, ``gap_low``, ``gap_high`` in place: each run against the best run
+    scored on the same images (same ids and labels), by a paired bootstrap of the macro-F1 gap."""
+    labels = {name: _val_labels(folder) for name, folder in folders.items()}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, name in enumerate(table["run"]):
+        frame = labels.get(name)
+        if frame is not None and not frame.empty:
+            groups.setdefault(tuple(frame["id"]) + tuple(frame["true"]), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        scores = pd.to_numeric(table.loc[members, "val_macro_f1"], errors="coerce")
+        best = members[int(np.nanargmax(scores.to_numpy()))]
+        reference = labels[table.at[best, "run"]]
+        table.at[best, "vs_best"] = "best"
+        for i in members:
+            if i == best:
+                continue
+            gap = paired_f1_difference(reference["true"], labels[table.at[i, "run"]]["predicted"],
+                                       reference["predicted"])
+            table.loc[i, ["gap_to_best", "gap_low", "gap_high"]] = gap.value, gap.low, gap.high
+            table.at[i, "vs_best"] = "behind" if gap.high < 0 else "within noise"
 
 
 def varying_params(table: pd.DataFrame) -> list[str]:
@@ -162,8 +224,9 @@ def compact(table: pd.DataFrame) -> pd.DataFrame:
     # A param named like a core column (epochs: planned vs run) keeps its prefix.
     shown.columns = [c if c.removeprefix("param.") in CORE_COLUMNS else c.removeprefix("param.")
                      for c in shown.columns]
-    for col in ("val_macro_f1", "val_accuracy"):
+    for col in ("val_macro_f1", "val_accuracy", "val_f1_low", "val_f1_high", "gap_to_best", "gap_low", "gap_high"):
         shown[col] = pd.to_numeric(shown[col], errors="coerce").round(4)
+    shown["val_images"] = pd.to_numeric(shown["val_images"], errors="coerce").round().astype("Int64")
     for col in ("lung_share", "lungs_blanked_f1", "ece"):
         shown[col] = pd.to_numeric(shown[col], errors="coerce").round(3)
     for col in ("train_minutes", "wall_minutes", "images_per_s"):
@@ -192,11 +255,17 @@ def format_table(table: pd.DataFrame, max_rows: int = 40) -> str:
     shown = compact(table)
     if shown.empty:
         return "(no finished runs in outputs/ yet: `lungs run params/<file>.yaml` or `lungs demo`)"
-    columns = ["run", "model", "val_macro_f1", "val_accuracy", "epochs", "train_minutes", "images_per_s",
-               "lung_share", "audit", "status"] + [c for c in shown.columns if c not in CORE_COLUMNS]
+    shown["95% CI"] = [f"{lo:.3f}-{hi:.3f}" if pd.notna(lo) and pd.notna(hi) else "-"
+                       for lo, hi in zip(shown["val_f1_low"], shown["val_f1_high"])]
+    shown["vs_best"] = [f"{v} ({g:+.3f}, {lo:+.3f} to {hi:+.3f})" if pd.notna(g) else (v or "-")
+                        for v, g, lo, hi in zip(shown["vs_best"], shown["gap_to_best"], shown["gap_low"],
+                                                shown["gap_high"])]
+    columns = ["run", "model", "val_macro_f1", "95% CI", "val_images", "vs_best", "epochs", "train_minutes",
+               "images_per_s", "lung_share", "audit", "status"] + [c for c in shown.columns
+                                                                     if c not in CORE_COLUMNS and c != "95% CI"]
     shown = shown[columns].head(max_rows)
     text = shown.astype(object).where(shown.notna(), "-")
-    for col, fmt in (("val_macro_f1", "{:.4f}"), ("val_accuracy", "{:.4f}"), ("train_minutes", "{:.2f}"),
+    for col, fmt in (("val_macro_f1", "{:.4f}"), ("train_minutes", "{:.2f}"),
                      ("images_per_s", "{:.1f}"), ("lung_share", "{:.2f}")):
         text[col] = [fmt.format(v) if v != "-" else v for v in text[col]]
     return text.to_string(index=False)

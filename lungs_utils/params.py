@@ -59,6 +59,10 @@ SCHEMA: dict[str, Spec] = {
     "val_fraction": _s(float, 0.2, "stratified validation share", minimum=0.01, maximum=0.9),
     "folds": _s(int, None, "k for k-fold assignment (null = single split)", nullable=True, minimum=2),
     "fold": _s(int, 0, "which fold is validation when folds is set", minimum=0),
+    "cv": _s(int, None, "k-fold cross-validation as one run: train all k folds (each a sub-run in fold_<k>/), "
+             "score the out-of-fold predictions of every train image, fit the temperature on them and average "
+             "the fold models on the test set (null = one train/validation split)", nullable=True, minimum=2,
+             maximum=20),
     "limit": _s(int, None, "use only this many train images (stratified; quick runs)", nullable=True,
                 minimum=3),
     "cache_dir": _s(str, None, "decoded-image cache folder (null = data/cache)", nullable=True),
@@ -274,3 +278,4 @@ def dump(params: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     from .io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(dict(params), sort_keys=False))
+

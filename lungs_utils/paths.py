@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataWarning, LungsError
+from .polarity import POLARITY_FILE
 
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
@@ -119,6 +120,9 @@ def _explicit(path: str | os.PathLike[str], source: str) -> Path:
                      "holds train_images/, test_images/ and train_answers.csv")
 
 
+_SAID_SYNTHETIC: set[Path] = set()
+
+
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phantom: bool = True) -> Path:
     """Locate the dataset folder (see module docstring for the order)."""
     if data_dir is not None:
@@ -134,9 +138,11 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phant
             return candidate
     phantom = phantom_dir() / "data"
     if allow_phantom and is_data_dir(phantom):
-        warnings.warn(f"using the SYNTHETIC phantom dataset at {phantom} (no real data found): "
-                      "results say nothing about real X-rays; run `lungs download` for the "
-                      "competition data", DataWarning, stacklevel=2)
+        if phantom not in _SAID_SYNTHETIC:  # once per process: a pipeline finds the data once per run
+            _SAID_SYNTHETIC.add(phantom)
+            warnings.warn(f"using the SYNTHETIC phantom dataset at {phantom} (no real data found): "
+                          "results say nothing about real X-rays; run `lungs download` for the "
+                          "competition data", DataWarning, stacklevel=2)
         return phantom
     raise LungsError("no dataset found: run `lungs download` (needs Kaggle credentials) or "
                      "`lungs phantom data/phantom` for synthetic data, or set data_dir / LUNGS_DATA_DIR "
@@ -149,7 +155,7 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phant
 #: What a run leaves before it has produced anything (a start that crashed early): alone, these do
 #: not make a folder "hold a run", so rerunning the same command simply reuses the folder.
 LOCK_FILE = ".lock"
-RUN_TRACES = ("params.yaml", "split.csv", "run.json", "kernel.log", "torchrun.log", LOCK_FILE)
+RUN_TRACES = ("params.yaml", "split.csv", POLARITY_FILE, "run.json", "kernel.log", "torchrun.log", LOCK_FILE)
 #: Set (to the folder's absolute path) by ``lungs run`` for the notebook's kernel and by ``lungs train``
 #: in-process: that folder was claimed by the command that runs this code, so it is ours to write.
 CLAIMED_ENV = "LUNGS_CLAIMED_RUN_DIR"

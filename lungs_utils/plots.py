@@ -405,10 +405,10 @@ def ensemble_comparison(members_f1: dict[str, float], ensemble_f1: float, method
 
 
 def leaderboard_bars(table: pd.DataFrame, top: int = 25) -> Figure:
-    """Validation macro-F1 of each run (best first), coloured by model."""
+    """Validation macro-F1 of each run (best first), coloured by model, with its 95 % interval."""
     import seaborn as sns
 
-    data = table.dropna(subset=["val_macro_f1"]).head(top)
+    data = table.dropna(subset=["val_macro_f1"]).head(top).reset_index(drop=True)
     fig = Figure(figsize=(7, 0.4 * max(len(data), 1) + 1.3))
     ax = fig.subplots()
     if data.empty:
@@ -418,7 +418,15 @@ def leaderboard_bars(table: pd.DataFrame, top: int = 25) -> Figure:
     sns.barplot(data=data, y="run", x="val_macro_f1", hue="model", dodge=False, ax=ax, palette="deep")
     for container in ax.containers:
         ax.bar_label(container, fmt="%.3f", fontsize=8, padding=2)
-    ax.set(xlabel="validation macro-F1", ylabel="", xlim=(0, 1.1), title="Runs by validation macro-F1")
+    if {"val_f1_low", "val_f1_high"} <= set(data.columns):
+        f1 = pd.to_numeric(data["val_macro_f1"], errors="coerce").to_numpy()
+        low = pd.to_numeric(data["val_f1_low"], errors="coerce").to_numpy()
+        high = pd.to_numeric(data["val_f1_high"], errors="coerce").to_numpy()
+        ok = np.isfinite(low) & np.isfinite(high)
+        ax.errorbar(f1[ok], np.flatnonzero(ok), xerr=[f1[ok] - low[ok], high[ok] - f1[ok]], fmt="none",
+                    ecolor="#333333", elinewidth=1, capsize=2, label="95% CI")
+    ax.set(xlabel="validation macro-F1 (95% bootstrap interval)", ylabel="", xlim=(0, 1.1),
+           title="Runs by validation macro-F1")
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     _clean(ax)
     return fig
@@ -448,13 +456,16 @@ def leaderboard_tradeoff(table: pd.DataFrame) -> Figure:
 
 
 def audit_panels(result: dict, table: dict | pd.DataFrame) -> Figure:
-    """The shortcut audit at a glance: the share of Grad-CAM attention inside the lungs per validation
-    image and true class (with the lungs' area for reference), and validation macro-F1 on the whole
-    image, with everything outside the lungs blanked, and with the lungs blanked."""
-    table = pd.DataFrame(table)
-    fig = Figure(figsize=(9.5, 3.2))
-    ax, bx = fig.subplots(1, 2, width_ratios=(1.4, 1))
-    shares = [table.loc[table["label"] == c, "share"].dropna().to_numpy() for c in range(len(CLASS_NAMES))]
+    """The shortcut audit at a glance. Top: the share of Grad-CAM attention inside the lungs per held-out
+    image and true class (with the lungs' area for reference), and macro-F1 on the whole image, with
+    everything outside the lungs blanked, and with the lungs blanked (95 % intervals). Bottom: per class,
+    how much of its probability each grid cell outside the chest carries when occluded (grey: inside the
+    chest, not searched); the hot spot is outlined, in red when it is flagged."""
+    frame = pd.DataFrame({k: table[k] for k in ("label", "share")})
+    fig = Figure(figsize=(11, 6.4))
+    grid = fig.add_gridspec(2, 4, height_ratios=(1, 1.15), width_ratios=(1, 1, 1, 0.05))
+    ax, bx = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2:])
+    shares = [frame.loc[frame["label"] == c, "share"].dropna().to_numpy() for c in range(len(CLASS_NAMES))]
     shown = [(name, s) for name, s in zip(CLASS_NAMES, shares) if len(s)]
     if shown:
         ax.boxplot([s for _, s in shown], tick_labels=[n for n, _ in shown], widths=0.5,
@@ -462,23 +473,56 @@ def audit_panels(result: dict, table: dict | pd.DataFrame) -> Figure:
     ax.axvline(result["lung_area"], color="#888", ls="--", lw=1, label=f"lung area {result['lung_area']:.0%}")
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of Grad-CAM attention inside the lungs")
-    ax.set_title(f"Attention inside the lungs (mean {result['lung_share']['mean']:.0%})", fontsize=10)
+    ax.set_title(f"Attention inside the lungs (mean {result['lung_share']['mean']:.0%}, {result['n']} images)",
+                 fontsize=10)
     ax.legend(frameon=False, fontsize=7.5, loc="lower right")
-    b = result["blanking"]
-    names = ("whole image", "outside blanked", "lungs blanked")
-    values = (b["full"], b["outside_blanked"], b["lungs_blanked"])
-    bars = bx.bar(names, values, color=("#4C72B0", "#55A868", "#C44E52"))
-    bx.bar_label(bars, fmt="%.3f", fontsize=8)
+    b, ci = result["blanking"], result.get("blanking_ci", {})
+    keys = ("full", "outside_blanked", "lungs_blanked")
+    values = [b[k] for k in keys]
+    errors = np.array([[b[k] - ci[k][0], ci[k][1] - b[k]] if k in ci else [0, 0] for k in keys]).T
+    bars = bx.bar(("whole", "outside\nblanked", "lungs\nblanked"), values, yerr=errors, capsize=3,
+                  color=("#4C72B0", "#55A868", "#C44E52"))
+    bx.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     bx.axhline(1 / len(CLASS_NAMES), color="#888", ls="--", lw=1, label="chance")
     bx.set_ylim(0, 1.1)
-    bx.set_ylabel("validation macro-F1")
-    bx.set_title("Blanking test", fontsize=10)
+    bx.set_ylabel("macro-F1")
+    bx.set_title("Blanking (shown, not flagged)", fontsize=10)
     bx.tick_params(axis="x", labelsize=8)
     bx.legend(frameon=False, fontsize=7.5)
     for axis in (ax, bx):
         _clean(axis)
-    fig.tight_layout()
+    spot = result.get("hotspot") or {}
+    maps = np.array(spot.get("map") or [], dtype=float)
+    if maps.size:
+        from matplotlib.patches import Rectangle
+
+        top = max(0.1, float(np.nanmax(np.abs(maps))) if np.isfinite(maps).any() else 0.1)
+        flagged = spot.get("low") is not None and spot["low"] > spot["threshold"]
+        for c, name in enumerate(CLASS_NAMES):
+            cx = fig.add_subplot(grid[1, c])
+            cmap = _colormap("RdBu_r")
+            cmap.set_bad("#DDDDDD")
+            image = cx.imshow(np.ma.masked_invalid(maps[c]), cmap=cmap, vmin=-top, vmax=top)
+            if spot.get("class") == c:
+                r, col = spot["cell"]
+                cx.add_patch(Rectangle((col - 0.5, r - 0.5), 1, 1, fill=False, lw=2,
+                                       ec="#C00000" if flagged else "#222222"))
+            cx.set_title(name, fontsize=9)
+            cx.set_xticks([])
+            cx.set_yticks([])
+        fig.colorbar(image, cax=fig.add_subplot(grid[1, 3]), label="probability lost")
+        fig.text(0.5, 0.47, f"Occlusion outside the chest: the mean drop of each class's probability when one "
+                 f"{spot['grid']}x{spot['grid']} grid cell is hidden (grey: inside the chest)", ha="center",
+                 fontsize=9.5)
+    fig.subplots_adjust(hspace=0.5, wspace=0.25, left=0.1, right=0.93, top=0.95, bottom=0.04)
     return fig
+
+
+def _colormap(name: str):  # noqa: ANN202 - a matplotlib Colormap
+    """A copy of a named matplotlib colormap (safe to modify)."""
+    from matplotlib import colormaps
+
+    return colormaps[name].copy()
 
 
 def reliability_diagram(raw: np.ndarray, y_true: Sequence[int], temperature: float | None = None) -> Figure:

@@ -49,7 +49,9 @@ def experiment_summary(exp: Any) -> pd.DataFrame:
     n_params = sum(t.numel() for t in exp.model.parameters())
     rows = [("run folder", str(exp.run_dir)), ("data", str(exp.data.data_dir)),
             ("synthetic data", "yes" if exp.data.synthetic else "no"),
-            ("train / val / test images", f"{len(exp.train)} / {len(exp.val)} / {len(exp.test)}"),
+            ("train / val / test images", f"{len(exp.train)} / {len(exp.val)} / {len(exp.test)}"
+             + (f" in each of {len(exp.folds)} folds (out-of-fold: every one of the {len(exp.split)} train "
+                f"images)" if exp.folds else "")),
             ("model", f"{p['model']} ({n_params / 1e6:.2f} M parameters)"),
             ("input", f"{p['image_size']} px, batch {p['batch_size']}, {p['epochs']} epochs"),
             ("optimiser", f"{p['optimizer']} lr {p['lr']:g}, wd {p['weight_decay']:g}, {p['scheduler']}"),
@@ -95,6 +97,38 @@ def ensemble_table(result: Any) -> pd.DataFrame:
     return frame.round(4)
 
 
+def score_line(summary: Mapping[str, Any]) -> str:
+    """The run's validation macro-F1 with its 95 % bootstrap interval, in one line for the notebook: on the
+    validation split, or on a cross-validation run the out-of-fold figure with the folds' spread."""
+    ci = summary.get("val_macro_f1_ci")
+    interval = f" (95% CI {ci[0]:.4f} to {ci[1]:.4f}, {summary['n_val']} images)" if ci else ""
+    cv = summary.get("cv")
+    if cv:
+        return (f"out-of-fold macro-F1 {summary['val_macro_f1']:.4f}{interval}, accuracy {summary['val_accuracy']:.4f}; "
+                f"{cv['k']} folds: {cv['fold_mean']:.4f} ± {cv['fold_std']:.4f} (from {cv['fold_min']:.4f} to "
+                f"{cv['fold_max']:.4f}); the test predictions average the {cv['k']} fold models")
+    return (f"validation macro-F1 {summary['val_macro_f1']:.4f}{interval}, accuracy {summary['val_accuracy']:.4f} "
+            f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")
+
+
+def score_table(summary: Mapping[str, Any]) -> pd.DataFrame:
+    """Where the validation figure comes from, one row per part: a cross-validation run's folds (held-out
+    images, macro-F1 with its 95 % interval, best epoch, epochs, minutes) and then the out-of-fold row
+    over every train image; a single-split run's one validation row."""
+    ci = summary.get("val_macro_f1_ci") or [np.nan, np.nan]
+    cv = summary.get("cv")
+    rows = [(f"fold {f['fold']}", f["n_val"], f["val_macro_f1"], *f["val_macro_f1_ci"], f["best_epoch"],
+             f["epochs_run"], f["train_seconds"]) for f in (cv["folds"] if cv else [])]
+    rows.append(("out-of-fold" if cv else "validation split", summary["n_val"], summary["val_macro_f1"], *ci,
+                 summary.get("best_epoch"), summary.get("epochs_run"), summary.get("train_seconds")))
+    frame = pd.DataFrame(rows, columns=["", "images", "macro_f1", "ci_low", "ci_high", "best_epoch", "epochs",
+                                        "train_minutes"]).set_index("")
+    frame["train_minutes"] = pd.to_numeric(frame["train_minutes"], errors="coerce") / 60
+    for col in ("best_epoch", "epochs"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").round().astype("Int64")
+    return frame.round(4)
+
+
 def decision_summary(summary: Mapping[str, Any]) -> str:
     """What ``tune_decision`` did in a run (its ``metrics.json``), in one or two sentences; "" when off."""
     tuned = summary.get("decision")
@@ -137,11 +171,15 @@ def ensemble_verdict(result: Any) -> str:
     (:func:`lungs_utils.ensemble.crossfit_gain`), not by the full-set scores (which flatter fitted
     weights and the pick of the best member)."""
     best, best_f1 = max(result.members_f1.items(), key=lambda kv: kv[1])
-    plain = (f"On the whole validation set: ensemble {result.val_f1:.4f}, best member {best} {best_f1:.4f}"
+    plain = (f"Fitted on {result.fitted_on}: ensemble {result.val_f1:.4f}, best member {best} {best_f1:.4f}"
              + (" (fitted weights: optimistic)." if result.method == "weighted" else "."))
     honest = result.honest
     if not honest:
         return f"One member only: nothing to compare. {plain}"
+    paired = honest.get("paired")
+    if paired:
+        plain += (f" Paired over those images, ensemble minus best member {paired['value']:+.4f} (95% CI "
+                  f"{paired['low']:+.4f} to {paired['high']:+.4f}).")
     gain, spread = honest["gain"], honest["gain_std"]
     figure = (f"cross-fitted gain {gain:+.4f} ± {spread:.4f} macro-F1 (weights and best member chosen on "
               f"one half of the validation set, scored on the other, {honest['repeats']} random halvings)")
@@ -240,7 +278,10 @@ table.board td:first-child, table.board th:first-child {{ text-align: left; posi
 .flag {{ color: #fff; background: #C44E52; padding: 1px 5px; border-radius: 3px; font-weight: 600; }}
 </style></head><body>
 <h1>lungs — runs</h1>
-<p>Chest X-ray classification (0 normal, 1 other disease, 2 COVID-19), scored by validation macro-F1.
+<p>Chest X-ray classification (0 normal, 1 other disease, 2 COVID-19), scored by validation macro-F1 (out-of-fold
+over every train image for cross-validation runs), with its 95 % bootstrap interval (<i>val_f1_low</i> to
+<i>val_f1_high</i>). <i>vs_best</i>: against the best run scored on the same images, paired over them —
+<i>within noise</i> when the interval of the gap (<i>gap_low</i> to <i>gap_high</i>) holds zero.
 Runs marked <i>phantom</i> used the synthetic dataset: their scores say nothing about real X-rays.
 <i>lung_share</i>: share of Grad-CAM attention inside the lungs; <i>lungs_blanked_f1</i>: validation macro-F1
 with the lungs blanked; <i>audit</i> FLAG: the shortcut audit found the model reading something outside the

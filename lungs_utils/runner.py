@@ -62,6 +62,10 @@ class RunRecord:
     val_macro_f1: float | None = None
     error: str | None = None
     test_macro_f1: float | None = None  # scored against a truth file (``lungs pipeline --answers``)
+    test_ci: tuple[float, float] | None = None  # its 95 % bootstrap interval over the test images
+    val_ci: tuple[float, float] | None = None  # the validation macro-F1's 95 % bootstrap interval
+    #: The gap to the pipeline's first scored run, paired over the same test images (value, low, high).
+    vs_first: tuple[float, float, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -340,30 +344,50 @@ def _error_line(exc: BaseException) -> tuple[str, int | None]:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": "), None
 
 
-def _val_f1(folder: Path, since: float) -> float | None:
+def _val_f1(folder: Path, since: float) -> tuple[float | None, tuple[float, float] | None]:
+    """The run's validation macro-F1 and its interval, from the metrics.json this session wrote."""
     path = folder / "metrics.json"
     try:
         if path.stat().st_mtime + 1 < since:
-            return None  # left over from an earlier session of this folder
-        value = json.loads(path.read_text(encoding="utf-8")).get("val_macro_f1")
+            return None, None  # left over from an earlier session of this folder
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        value, ci = metrics.get("val_macro_f1"), metrics.get("val_macro_f1_ci")
     except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
+        return None, None
+    if not isinstance(value, (int, float)):
+        return None, None
+    return float(value), (tuple(ci) if isinstance(ci, list) and len(ci) == 2 else None)  # type: ignore[return-value]
+
+
+def estimate_line(values: Mapping[str, Any], progress: bool = False) -> str | None:
+    """The expected minutes of a run that trains (:mod:`lungs_utils.estimate`), measured here; None for
+    the notebooks that train nothing (data, ensemble, leaderboard, explore)."""
+    from .estimate import for_params, trains
+
+    return for_params(values, progress=progress).line() if trains(values["notebook"]) else None
 
 
 def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (), *,
-            on_exists: str = "error", progress_bar: bool = False) -> RunRecord:
-    """Run one params file; notebook failures come back as a failed record (see :func:`run`).
+            on_exists: str = "error", progress_bar: bool = False, say: Any = print) -> RunRecord:
+    """Run one params file; notebook failures come back as a failed record (see :func:`run`). A run that
+    trains first says (``say``) how long it should take, and its notebook shows the same line.
 
     Problems found before execution (bad params, missing notebook, existing folder, lock) raise
     ``LungsError``.
     """
+    from .estimate import ESTIMATE_ENV
+
     params_file = Path(params_file) if params_file is not None else None
     if not isinstance(overrides, Mapping):
         overrides = list(overrides)
     values = resolve(params_file, overrides)
     notebook_in = _check_runnable(values)
     given = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else overrides
+    if values["resume"] or on_exists == "resume":
+        values["resume"] = values["resume"] or run_product(run_dir(values)) is not None
+    expected = estimate_line(values, progress=progress_bar)
+    if expected:
+        say(f"{run_dir(values).name}: {expected}")
     folder, resumed = _claim(values, on_exists)
     try:
         from .train import check_resume
@@ -402,7 +426,8 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
 
         # Plain-text progress: widget bars become unreadable JSON in an executed notebook.
         env = {"LUNGS_PROGRESS": "off" if os.environ.get("LUNGS_PROGRESS") == "off" else "plain",
-               "LUNGS_HOME": str(project_root()), CLAIMED_ENV: str(folder.resolve())}
+               "LUNGS_HOME": str(project_root()), CLAIMED_ENV: str(folder.resolve()),
+               ESTIMATE_ENV: expected or ""}
         with _kernel_environment(**env):
             papermill.execute_notebook(str(notebook_in), str(executed), parameters=values,
                                        cwd=str(notebook_in.parent), kernel_name="python3",
@@ -426,8 +451,9 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
             _write_run_json(folder, info)
         finally:
             (folder / LOCK_FILE).unlink(missing_ok=True)
+    f1, ci = _val_f1(folder, started_wall) if status == "ok" else (None, None)
     return RunRecord(folder.name, params_file, folder, executed if executed.is_file() else None, status,
-                     seconds, _val_f1(folder, started_wall) if status == "ok" else None, error)
+                     seconds, f1, error, val_ci=ci)
 
 
 def run(params_file: str | os.PathLike[str] | None, overrides: Overrides = (), *, on_exists: str = "error",
@@ -447,9 +473,10 @@ def pipeline(paths: Sequence[str | os.PathLike[str]], overrides: Overrides = (),
     A failing run is reported (with its executed notebook) and the rest still run. Overrides apply
     to every run (e.g. ``epochs=1`` for a smoke test). With ``answers`` (a truth file
     ``id,target_feature`` for the test images, e.g. a held-out set's answer key), every run's
-    ``submission.csv`` is scored too (``test_macro_f1``).
+    ``submission.csv`` is scored too (``test_macro_f1`` with its 95 % interval), and each run's gap to the
+    first scored run, paired over the same test images (``vs_first``: e.g. each mask mode against none).
     """
-    from .submission import score_submission, validate_submission
+    from .submission import compare_submissions, validate_submission
     from .progress import bar
 
     files = expand(paths)
@@ -461,19 +488,27 @@ def pipeline(paths: Sequence[str | os.PathLike[str]], overrides: Overrides = (),
         for path in files:
             progress.set_postfix_str(path.stem)
             try:
-                record = execute(path, fixed, on_exists=on_exists)
+                record = execute(path, fixed, on_exists=on_exists,
+                                 say=lambda line: progress.write(line) if echo else None)
             except LungsError as exc:
                 record = RunRecord(path.stem, path, None, None, "failed", error=str(exc))
             submission = record.run_dir / "submission.csv" if record.run_dir is not None else None
             if answers is not None and record.ok and submission is not None and submission.is_file():
                 try:
-                    record.test_macro_f1 = score_submission(submission, answers)["macro_f1"]
+                    row = compare_submissions([submission], answers)[0]
+                    record.test_macro_f1, record.test_ci = row["macro_f1"], (row["low"], row["high"])
                 except LungsError as exc:  # e.g. a truth file of another test set: say so, keep going
                     progress.write(f"cannot score {record.name}: {exc}", file=sys.stderr)
             records.append(record)
             if echo and not record.ok:
                 progress.write(f"FAILED {path}: {record.error}", file=sys.stderr)
             progress.update()
+    scored = [r for r in records if r.test_macro_f1 is not None]
+    if answers is not None and len(scored) > 1:
+        rows = compare_submissions([r.run_dir / "submission.csv" for r in scored], answers)  # type: ignore[operator]
+        for record, row in zip(scored[1:], rows[1:]):
+            gap = row["vs_first"]
+            record.vs_first = (gap["value"], gap["low"], gap["high"])
     return records
 
 
@@ -486,9 +521,18 @@ def summary_table(records: Sequence[RunRecord]) -> pd.DataFrame:
     }
     if any(r.test_macro_f1 is not None for r in records):
         columns["test_macro_f1"] = [r.test_macro_f1 for r in records]
+        columns["test_95ci"] = [f"{r.test_ci[0]:.3f}-{r.test_ci[1]:.3f}" if r.test_ci else "-" for r in records]
+        first = next(r.name for r in records if r.test_macro_f1 is not None)
+        columns[f"vs_{first}"] = [_gap_text(r.vs_first) if r.vs_first else "-" for r in records]
     columns["minutes"] = [round(r.seconds / 60, 2) for r in records]
     columns["notebook"] = [str(r.notebook) if r.notebook else "-" for r in records]
     return pd.DataFrame(columns)
+
+
+def _gap_text(gap: tuple[float, float, float]) -> str:
+    value, low, high = gap
+    word = "ahead" if low > 0 else "behind" if high < 0 else "within noise"
+    return f"{value:+.3f} ({low:+.3f} to {high:+.3f}) {word}"
 
 
 def format_summary(records: Sequence[RunRecord]) -> str:

@@ -281,6 +281,10 @@ def train_fold(exp: SegExperiment, k: int, *, progress: bool = True) -> TrainRes
 
 def train_folds(exp: SegExperiment, *, progress: bool = True) -> pd.DataFrame:
     """Train every fold's model; one summary row per fold (best Dice / IoU, epoch, speed)."""
+    from .estimate import announce
+
+    if is_main_process():
+        announce(exp.params, exp.data)
     rows = []
     for k in range(len(exp.splits)):
         r = train_fold(exp, k, progress=progress)
@@ -316,7 +320,7 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
     t0 = time.perf_counter()
     oof_ids, oof_probs = [], []
     test_sum: np.ndarray | None = None
-    test = data_mod.XrayDataset(exp.data.test.images, exp.data.test.ids)
+    test = data_mod.XrayDataset(exp.data.test.images, exp.data.test.ids, flipped=exp.data.flipped_test)
     for k, model in enumerate(exp.models):
         if model is None:
             raise LungsError(f"fold {k} of run {p['run_name']} is not trained; run train_fold(exp, {k}) first")
@@ -434,6 +438,32 @@ def mask_run_dir(mask_run: str) -> Path:
     raise LungsError(f"mask_run {mask_run!r}: no {MASKS_DIR}/{TEST_MASKS}/ in {candidates[0]} or "
                      f"{candidates[1]}; run notebooks/05_lung_segmentation.ipynb (lungs run "
                      "params/05_lung_segmentation.yaml) first, or fix mask_run")
+
+
+def masks_for(mask_run: str, images: np.ndarray, *, progress: bool = False) -> np.ndarray:
+    """Lung masks (uint8 0 / 255, at the images' size) for any films ``(N, H, W)``, predicted by a finished
+    segmentation run's fold models from their checkpoints: averaged and post-processed as the run's own
+    test masks were (``lungs predict --mask-run``)."""
+    from .params import load
+    from .train import load_checkpoint, load_weights
+
+    folder = mask_run_dir(mask_run)
+    checkpoints = sorted(folder.glob("fold_*/checkpoints/best.pt"))
+    if not checkpoints:
+        raise LungsError(f"mask_run {mask_run!r}: no fold_<k>/checkpoints/best.pt in {folder}; finish the run first")
+    p = load(folder / "params.yaml")
+    device = select_device(p["device"])
+    films = data_mod.XrayDataset(np.asarray(images, dtype=np.uint8), np.arange(len(images)))
+    total = None
+    for checkpoint in checkpoints:
+        model = build_model(p["model"])
+        load_weights(model, load_checkpoint(checkpoint), source=str(checkpoint))
+        model.to(device=device, memory_format=torch.channels_last if p["channels_last"] else torch.preserve_format)
+        _, probs = predict_masks(model, films, image_size=p["image_size"], device=device,
+                                 batch_size=max(64, p["batch_size"]), tta=p["tta"], channels_last=p["channels_last"],
+                                 autocast_dtype=autocast_dtype(device, p["precision"]), histeq=p["histeq"])
+        total = probs.astype(np.float32) if total is None else total + probs
+    return binarize((total / len(checkpoints)).astype(np.float16), tuple(images.shape[1:]), p["postprocess"])
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -25,6 +25,9 @@ VAL_COLUMNS: tuple[str, ...] = ("id", "true", "predicted", *PROB_COLUMNS)
 TEST_COLUMNS: tuple[str, ...] = ("id", *PROB_COLUMNS)
 SUBMISSION_COLUMNS: tuple[str, ...] = ("id", "target_feature")
 VAL_FILE, TEST_FILE, SUBMISSION_FILE = "val_predictions.csv", "test_predictions.csv", "submission.csv"
+#: A cross-validation run's out-of-fold predictions: every train image once, with the fold that held it out.
+OOF_FILE = "oof_predictions.csv"
+OOF_COLUMNS: tuple[str, ...] = (*VAL_COLUMNS, "fold")
 
 # --------------------------------------------------------------------------------------------------
 # Prediction tables
@@ -76,9 +79,10 @@ def submission_frame(ids: Sequence[int] | np.ndarray, probs_or_labels: np.ndarra
 
 
 def write_predictions(run_dir: str | os.PathLike[str], val: pd.DataFrame | None = None,
-                      test: pd.DataFrame | None = None, *, submission: pd.DataFrame | None = None
-                      ) -> dict[str, Path]:
-    """Write ``val_predictions.csv`` / ``test_predictions.csv`` / ``submission.csv`` atomically.
+                      test: pd.DataFrame | None = None, *, submission: pd.DataFrame | None = None,
+                      oof: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write ``val_predictions.csv`` / ``test_predictions.csv`` / ``submission.csv`` (and a cross-validation
+    run's ``oof_predictions.csv``) atomically.
 
     ``submission`` defaults to the argmax of ``test``. Only the contract columns are written, rows
     sorted by id. Returns ``{file name: path}`` of what was written.
@@ -96,6 +100,8 @@ def write_predictions(run_dir: str | os.PathLike[str], val: pd.DataFrame | None 
 
     if val is not None:
         put(val, VAL_COLUMNS, VAL_FILE)
+    if oof is not None:
+        put(oof, OOF_COLUMNS, OOF_FILE)
     if test is not None:
         put(test, TEST_COLUMNS, TEST_FILE)
         if submission is None:
@@ -211,13 +217,39 @@ def validate_submission(sub: pd.DataFrame | str | os.PathLike[str],
     return table
 
 
+def _against(sub: pd.DataFrame | str | os.PathLike[str], truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) labels of a submission, aligned with the truth file's ids."""
+    frame = validate_submission(sub, test_ids=truth["id"].tolist())
+    merged = frame.merge(truth, on="id", suffixes=("_pred", ""))
+    return merged["target_feature"].to_numpy(np.int64), merged["target_feature_pred"].to_numpy(np.int64)
+
+
 def score_submission(sub: pd.DataFrame | str | os.PathLike[str], answers: str | os.PathLike[str]
                      ) -> dict[str, Any]:
     """Metrics of a submission against a truth file (``id,target_feature``), e.g. the phantom's
-    ``test_answers.csv``: what Kaggle's leaderboard would say, offline."""
+    ``test_answers.csv``: what Kaggle's leaderboard would say, offline; ``macro_f1_ci`` is its 95 %
+    bootstrap interval over the test images."""
+    from .bootstrap import f1_interval
     from .metrics import classification_metrics
 
+    y, pred = _against(sub, validate_submission(answers))
+    ci = f1_interval(y, pred)
+    return {**classification_metrics(y, pred), "macro_f1_ci": [ci.low, ci.high]}
+
+
+def compare_submissions(subs: Sequence[str | os.PathLike[str]], answers: str | os.PathLike[str]
+                        ) -> list[dict[str, Any]]:
+    """Each submission's macro-F1 against one truth file with its interval, and its gap to the first one,
+    paired over the same test images (``vs_first``: an :class:`~lungs_utils.bootstrap.Interval` as a dict;
+    None for the first)."""
+    from .bootstrap import f1_interval, paired_f1_difference
+
     truth = validate_submission(answers)
-    frame = validate_submission(sub, test_ids=truth["id"].tolist())
-    merged = frame.merge(truth, on="id", suffixes=("_pred", ""))
-    return classification_metrics(merged["target_feature"], merged["target_feature_pred"])
+    scored = [(Path(s), *_against(s, truth)) for s in subs]
+    rows = []
+    for path, y, pred in scored:
+        ci = f1_interval(y, pred)
+        gap = None if path == scored[0][0] else paired_f1_difference(y, pred, scored[0][2]).as_dict()
+        rows.append({"file": str(path), "macro_f1": ci.value, "low": ci.low, "high": ci.high,
+                     "accuracy": float((y == pred).mean()), "n": int(len(y)), "vs_first": gap})
+    return rows

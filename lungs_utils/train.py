@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import NUM_CLASSES, hardware, presets
+# Torch-free (the Kaggle estimate needs it without PyTorch); re-exported for the loop's callers.
+from .schedule import RAMP_SHARE, SIZE_STEP, train_size  # noqa: F401
 from .callbacks import Callback, default_callbacks
 # check_resume and load_checkpoint are re-exported: callers (experiment, segmentation, runner, docs
 # scripts, notebooks' users) import them from here.
@@ -126,25 +128,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, params: Mapping[str, Any], 
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-
-
-#: Progressive resizing reaches the full ``image_size`` after this share of the epochs.
-RAMP_SHARE = 0.7
-#: Training sizes are multiples of this (few distinct shapes: kernels and caches are reused).
-SIZE_STEP = 16
-
-
-def train_size(params: Mapping[str, Any], epoch: int) -> int:
-    """The training image side in ``epoch`` (0-based): ``image_size``, or with ``start_size`` a linear
-    ramp from it to ``image_size`` over the first :data:`RAMP_SHARE` of the epochs, rounded down to a
-    multiple of :data:`SIZE_STEP` (never below ``start_size``). Early epochs on smaller images cost less,
-    so the same minutes buy more epochs (fast.ai's progressive resizing)."""
-    full, start = params["image_size"], params["start_size"]
-    if not start or start >= full:
-        return full
-    ramp = max(1.0, RAMP_SHARE * params["epochs"])
-    size = start + (full - start) * min(1.0, epoch / ramp)
-    return full if size >= full else max(start, int(size) // SIZE_STEP * SIZE_STEP)
 
 
 def class_weight_tensor(params: Mapping[str, Any], train_labels: np.ndarray) -> torch.Tensor | None:

@@ -51,6 +51,15 @@ def write_dataset(root: Path, n_train: int = 12, n_test: int = 4, size: int = 32
     return root
 
 
+def small_phantom(factory: pytest.TempPathFactory, name: str, n_train: int, seed: int) -> Path:
+    """A phantom dataset of ``n_train`` / 6 films at 32 px for one test module; returns its data folder."""
+    from lungs_utils import phantom
+
+    root = factory.mktemp(name)
+    phantom.generate(root / "ph", n_train=n_train, n_test=6, size=32, seed=seed, workers=1)
+    return root / "ph" / "data"
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """A writable 12-train / 4-test dataset at 32 px with masks."""

@@ -317,10 +317,11 @@ def test_real_kernels_push_accepts_the_bundle(tmp_path: Path, credentials, monke
 # Execution in a clean environment
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("gpus", [1, 2])
-def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path, gpus: int) -> None:
+@pytest.mark.parametrize(("gpus", "cv"), [(1, None), (2, None), (2, 2)])
+def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path, gpus: int, cv: int | None) -> None:
     """gpus=2: the notebook for Kaggle's "GPU T4 x2", whose training cell runs torchrun with two
-    processes; here on a CPU, with gloo, at tiny size."""
+    processes; here on a CPU, with gloo, at tiny size. cv=2: every fold trained in the one kernel (under
+    torchrun), each fold's time and the time left printed as it goes."""
     from lungs_utils import phantom
     from lungs_utils.data import list_images
     from lungs_utils.predict import validate_submission
@@ -330,7 +331,8 @@ def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path, gpus: i
     summary = phantom.generate(kaggle_input / "competitions" / COMPETITION, n_train=36, n_test=9, size=32,
                                workers=1)
     data = Path(summary["data_dir"])
-    out = B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "bundle", user="alice", gpus=gpus)
+    out = B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "bundle", user="alice", gpus=gpus,
+                          overrides=[f"cv={cv}"] if cv else [])
     meta, bundled = read_bundle(out)
     assert (meta.get("machine_shape") == B.TWO_GPU_SHAPE) == (gpus == 2)
     train_cell = next(source(c) for c in bundled["cells"] if B.TRAIN_CALL in source(c))
@@ -365,6 +367,12 @@ def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path, gpus: i
     # Discovery found the fake Kaggle mount (the only data this process could see).
     split = pd.read_csv(run / "split.csv")
     assert set(split["id"]) == set(list_images(data / "train_images"))
+    if cv:  # the folds were trained in this kernel: sub-runs, out-of-fold predictions, times per fold
+        out_text = json.dumps(nb)
+        assert "fold_0 (1 of 2)" in out_text and "min for the 1 fold(s) left" in out_text
+        assert len(pd.read_csv(run / "oof_predictions.csv")) == len(split) == 36
+        assert all((run / f"fold_{k}" / "checkpoints" / "best.pt").is_file() for k in range(2))
+        assert json.loads((run / "metrics.json").read_text())["cv"]["k"] == 2
     if gpus == 2:  # trained by two processes, then shown by the notebook as usual
         log = (run / "torchrun.log").read_text()
         assert "val macro-F1" in log, log[-2000:]

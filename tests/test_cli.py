@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from lungs_utils.cli import main
@@ -52,7 +54,25 @@ def test_score_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     (tmp_path / "truth.csv").write_text("id,target_feature\n1,0\n2,1\n3,2\n4,2\n")
     (tmp_path / "sub.csv").write_text("id,target_feature\n1,0\n2,1\n3,2\n4,1\n")
     assert main(["score", str(tmp_path / "sub.csv"), "--answers", str(tmp_path / "truth.csv")]) == 0
-    assert "accuracy 0.7500" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "accuracy 0.7500" in out and "(95% CI " in out
+
+
+def test_score_compares_submissions_paired_on_the_same_images(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 300)
+    good = np.where(rng.random(300) < 0.9, truth, (truth + 1) % 3)
+    worse = good.copy()
+    worse[np.flatnonzero(good == truth)[:40]] = (truth[np.flatnonzero(good == truth)[:40]] + 2) % 3
+    for name, labels in (("truth", truth), ("good", good), ("worse", worse), ("same", good)):
+        pd.DataFrame({"id": np.arange(300), "target_feature": labels}).to_csv(tmp_path / f"{name}.csv", index=False)
+    files = [str(tmp_path / f"{n}.csv") for n in ("good", "worse", "same")]
+    assert main(["score", *files, "--answers", str(tmp_path / "truth.csv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and all("(95% CI" in line for line in out[:3]) and out[0].endswith("good.csv")
+    assert "worse.csv vs" in out[3] and "behind by" in out[3] and "paired over the same 300 images" in out[3]
+    assert "same.csv vs" in out[4] and "within the noise: +0.000" in out[4]
 
 
 def test_submit_without_credentials_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,6 +56,11 @@ def test_discovery_order(isolated_env: Path, tmp_path: Path, monkeypatch: pytest
     phantom = write_dataset(home / "data" / "phantom" / "data")
     with pytest.warns(DataWarning, match="SYNTHETIC"):
         assert paths.find_data_dir() == phantom
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process: a pipeline of runs finds it once per run
+        assert paths.find_data_dir() == phantom
     with pytest.raises(LungsError):
         paths.find_data_dir(allow_phantom=False)
     # The `lungs download` destination beats the phantom.

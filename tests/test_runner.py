@@ -239,10 +239,10 @@ def test_demo_fresh_removes_only_the_demo_runs() -> None:
 
     files = demo.demo_params()
     assert [p.stem for p in files][0] == "00_data" and len(files) >= 4
-    for name in ("demo_simple_cnn", "mine"):
+    for name in ("demo_resnet_tiny", "mine"):
         (outputs_dir() / name).mkdir(parents=True)
     demo._remove_demo_runs(files)
-    assert not (outputs_dir() / "demo_simple_cnn").exists() and (outputs_dir() / "mine").is_dir()
+    assert not (outputs_dir() / "demo_resnet_tiny").exists() and (outputs_dir() / "mine").is_dir()
 
 
 @pytest.mark.slow
@@ -259,6 +259,10 @@ def test_pipeline_scores_every_submission_against_an_answer_key(stub: Path, tmp_
     assert "test_macro_f1" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert rows["right"][3] == "1.0000" and rows["naive"][3] == f"{0.5 / 3:.4f}" and rows["none"][3] == "-"
+    # Each with its interval over the 3 test images (a resample missing a class scores that class 0, as
+    # the competition's metric does), and its gap to the first scored run, paired.
+    assert "test_95ci" in out and "vs_right" in out and rows["right"][4] == "0.333-1.000"
+    assert rows["naive"][5] == f"{0.5 / 3 - 1:+.3f}" and rows["right"][5] == "-"
     # A broken answer key is refused before anything runs.
     bad = tmp_path / "bad.csv"
     bad.write_text("id,label\n1,0\n")

@@ -105,18 +105,18 @@ def test_credentials_never_reach_outputs_notebooks_run_json_or_logs(isolated_env
         return out
 
     # A real model notebook through papermill: executed notebook, run.json, params.yaml, plots, checkpoints.
-    lungs("run", str(ROOT / "params" / "demo" / "10_simple_cnn.yaml"), "-p", "run_name=sec_run", *TINY)
+    lungs("run", str(ROOT / "params" / "demo" / "15_resnet_tiny.yaml"), "-p", "run_name=sec_run", *TINY)
     # The same training without papermill (console log only), then the files that gather runs.
-    lungs("train", str(ROOT / "params" / "demo" / "10_simple_cnn.yaml"), "-p", "run_name=sec_train", *TINY)
+    lungs("train", str(ROOT / "params" / "demo" / "15_resnet_tiny.yaml"), "-p", "run_name=sec_train", *TINY)
     lungs("leaderboard")
     lungs("report")
     # A Kaggle bundle names the user (its id is <user>/<slug>: by design) but must hold no key.
-    lungs("kaggle-kernel", str(ROOT / "params" / "demo" / "10_simple_cnn.yaml"), "--out", str(tmp_path / "bundle"),
+    lungs("kaggle-kernel", str(ROOT / "params" / "demo" / "15_resnet_tiny.yaml"), "--out", str(tmp_path / "bundle"),
           "-p", "run_name=sec_bundle")
 
     outputs = home / "outputs"
     run_dir = outputs / "sec_run"
-    for name in ("10_simple_cnn.ipynb", "run.json", "params.yaml", "metrics.json", "checkpoints/last.pt"):
+    for name in ("15_modern.ipynb", "run.json", "params.yaml", "metrics.json", "checkpoints/last.pt"):
         assert (run_dir / name).is_file(), name  # the search below covers real files
     assert (outputs / "sec_train" / "checkpoints" / "last.pt").is_file()
     assert (outputs / "report" / "index.html").is_file()
@@ -257,10 +257,10 @@ def test_no_eval_exec_or_unsafe_loading_in_the_notebooks() -> None:
 IGNORED = ["kaggle.json", "access_token", "access_token.txt", ".kaggle/kaggle.json",
            "notebooks/kaggle.json", "params/access_token",  # anywhere in the tree, not only at the top
            "data/competition/data/train_answers.csv", "data/phantom/data/train_images/img_1.png",
-           "data/cache/x/train-0123.npy", "outputs/demo_simple_cnn/run.json", "outputs/leaderboard.csv",
+           "data/cache/x/train-0123.npy", "outputs/demo_resnet_tiny/run.json", "outputs/leaderboard.csv",
            "outputs/run/checkpoints/last.pt", ".venv/bin/python"]
 KEPT = ["outputs/README.md", "lungs_utils/data.py", "lungs_utils/kaggle.py", "tests/test_data.py",
-        "params/demo/10_simple_cnn.yaml", "notebooks/00_data.ipynb", "README.md", ".gitignore"]
+        "params/demo/15_resnet_tiny.yaml", "notebooks/00_data.ipynb", "README.md", ".gitignore"]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")

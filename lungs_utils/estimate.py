@@ -1,0 +1,311 @@
+"""What a recipe will cost on this machine, before it runs (``--estimate``; the first line of every run).
+
+A few real training steps of the run's own model are timed at each image side the schedule uses (the
+smallest and the largest; sides in between by their pixel count), and one batch of validation inference;
+the rest is multiplied out from the numbers of images, epochs, folds and test-time views. The steps run on
+a copy of the model, on random films, with the random generators saved and restored, so an estimate
+never changes a run's numbers. :func:`kaggle` gives the same figure for Kaggle's GPUs from the per-image
+throughputs kept in :data:`GPU_IMAGES_PER_S`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Training steps timed per image side (after one warm-up step, the median).
+STEPS = 3
+#: Grid cells outside the chest that the audit's occlusion hides per film (measured: 25 of 64 on average,
+#: 10-37 from the 5th to the 95th percentile, on 200 COVID-QU-Ex films at 144 px).
+OCCLUDED_CELLS = 25
+#: Per epoch besides the steps: history, TensorBoard, progress (seconds; checkpoints are timed).
+EPOCH_OVERHEAD_S = 0.05
+#: Once per run: starting Python and PyTorch, loading the cached data, the notebook's figures (seconds;
+#: measured on the demo's runs: 4-5 s for `lungs train`, 7 s for a notebook under `lungs run`).
+START_S = 6.0
+#: Kaggle's session limit for a notebook (hours).
+KAGGLE_LIMIT_H = 12.0
+
+
+@dataclass
+class Estimate:
+    """Expected seconds of a run, by part, and what they were computed from."""
+
+    seconds: float
+    parts: dict[str, float]
+    machine: str
+    plan: str
+    measured: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def line(self, detail: bool = False) -> str:
+        """One line: ``estimate: about 5.3 min on this machine (...): training 4.6 min, ...; <plan>``, and with
+        ``detail`` what was timed."""
+        parts = ", ".join(f"{name} {_minutes(s)}" for name, s in self.parts.items() if s >= 0.5) or "every part under a second"
+        return (f"estimate: about {_minutes(self.seconds)} on {self.machine}: {parts}; {self.plan}"
+                + (f" ({self.measured})" if self.measured and detail else ""))
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _sizes(params: Mapping[str, Any]) -> list[int]:
+    from .schedule import train_size
+
+    return [train_size(params, e) for e in range(params["epochs"])]
+
+
+def _images(params: Mapping[str, Any], n: int) -> tuple[int, int, int]:
+    """(parts trained, train images per part, held-out images per part) for ``n`` labelled films."""
+    n = min(n, params["limit"]) if params.get("limit") else n
+    k = params.get("cv") or params.get("folds")
+    if params["notebook"] == "05_lung_segmentation.ipynb":
+        k = params.get("folds")
+        if k:
+            return k, n - n // k, n // k
+    elif params.get("cv"):
+        return k, n - n // k, n // k
+    elif k:  # one fold of a k-fold assignment
+        return 1, n - n // k, n // k
+    val = max(int(round(n * params["val_fraction"])), 3)
+    return 1, n - val, val
+
+
+def _done(params: Mapping[str, Any]) -> int:
+    """Epochs already trained, summed over the parts, when resuming (from their last.pt)."""
+    if not params.get("resume"):
+        return 0
+    from .checkpoint import load_checkpoint
+    from .paths import run_dir
+
+    folder = run_dir(params)
+    done = 0
+    for last in [folder / "checkpoints" / "last.pt", *sorted(folder.glob("fold_*/checkpoints/last.pt"))]:
+        if last.is_file():
+            try:
+                done += int(load_checkpoint(last).get("epoch", 0))
+            except Exception:  # noqa: BLE001 - an unreadable checkpoint is the resume's error to report
+                pass
+    return done
+
+
+class _Rng:
+    """Saves Python's, NumPy's and torch's random state and puts it back: an estimate must not shift the
+    run's random draws."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        random.setstate(self.state[0])
+        np.random.set_state(self.state[1])
+        torch.set_rng_state(self.state[2])
+
+
+def _time(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: kernels and memory for this shape
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure(params: Mapping[str, Any], n_train: int, n_test: int, shape: tuple[int, int]) -> Estimate:
+    """The estimate for ``params`` on ``n_train`` labelled and ``n_test`` test films stored at ``shape``."""
+    import torch
+
+    from .data import XrayDataset
+    from .hardware import describe_cpu
+    from .inference import infer
+    from .train import CLASSIFICATION, autocast_dtype, make_optimizer, select_device, train_step
+
+    seg = params["notebook"] == "05_lung_segmentation.ipynb"
+    device = select_device(params["device"])
+    dtype = autocast_dtype(device, params["precision"])
+    parts, n_fit, n_held = _images(params, n_train)
+    epochs = params["epochs"]
+    done = _done(params)
+    with _Rng():
+        if seg:
+            from .segmentation import SEGMENTATION, build_model
+
+            model, task, channels = build_model(params["model"]), SEGMENTATION, 2
+        else:
+            from .experiment import build_model
+
+            model, task = build_model(params), CLASSIFICATION
+            channels = 2 if params["masks"] != "none" else 1
+        model = copy.deepcopy(model).to(device, memory_format=torch.channels_last if params["channels_last"]
+                                        else torch.preserve_format)
+        batch = params["batch_size"]
+        x = torch.randint(0, 256, (batch, channels, *shape), dtype=torch.uint8)
+        if seg:
+            x[:, 1] = (x[:, 1] > 127).to(torch.uint8) * 255
+        y = torch.randint(0, 3, (batch,)).to(device)
+        optimizer = make_optimizer(model, params)
+        loss_fn = task.make_loss(params, _Labels()).to(device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        sizes = _sizes(params)
+        ends = sorted({min(sizes), max(sizes)})
+
+        def step(side: int) -> None:
+            train_step(model, x, y, {**params, "image_size": side}, loss_fn=loss_fn, optimizer=optimizer,
+                       scaler=scaler, dtype=dtype, task=task, generator=torch.Generator().manual_seed(0))
+            _sync(device)
+
+        per_image = {side: _time(lambda s=side: step(s), STEPS) / batch for side in ends}
+        eval_batch = max(64, batch)
+        films = torch.randint(0, 256, (eval_batch, *shape), dtype=torch.uint8).numpy()
+        held_out = XrayDataset(films, np.arange(eval_batch), np.zeros(eval_batch, np.int64),
+                               masks=films if channels == 2 else None)
+
+        def validate() -> None:
+            for _ in infer(model, held_out, prepare=lambda a, b: task.eval_inputs(a, b, params), device=device,
+                           batch_size=eval_batch, channels_last=params["channels_last"], autocast_dtype=dtype):
+                pass
+            _sync(device)
+
+        eval_per_image = _time(validate, 1) / eval_batch
+        buffer = io.BytesIO()
+        t0 = time.perf_counter()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+        save_s = time.perf_counter() - t0
+    lo, hi = ends[0], ends[-1]
+
+    def train_cost(side: int) -> float:
+        if hi == lo:
+            return per_image[hi]
+        w = (side * side - lo * lo) / (hi * hi - lo * lo)  # by pixel count between the two timed sides
+        return per_image[lo] + w * (per_image[hi] - per_image[lo])
+
+    left_epochs = max(0, parts * epochs - done)
+    share = left_epochs / max(1, parts * epochs)
+    train_s = parts * n_fit * sum(train_cost(s) for s in sizes) * share
+    val_s = left_epochs * n_held * eval_per_image
+    overhead_s = left_epochs * (2 * save_s + EPOCH_OVERHEAD_S)
+    views = (4 if params["hflip"] > 0 else 3) if params["tta"] else 1
+    if seg:
+        views = 2 if params["tta"] else 1
+    predict_s = parts * (n_held + n_test) * views * eval_per_image
+    audit_s = 0.0 if seg or not params["audit"] else \
+        parts * n_held * ((OCCLUDED_CELLS + 3) * eval_per_image + train_cost(params["image_size"]))
+    parts_s = {"training": train_s + overhead_s, "validation": val_s, "prediction": predict_s, "audit": audit_s,
+               "start-up": START_S}
+    machine = (f"this machine ({device}" + (f", {describe_cpu()}" if device.type == "cpu" else "")
+               + f", {'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'})")
+    plan = (f"{parts} fold(s) x " if parts > 1 else "") + f"{epochs} epochs x {n_fit} train + {n_held} held-out " \
+        f"films, {n_test} test films" + (f" x {views} views" if views > 1 else "") + \
+        (f"; {done} epoch(s) already done" if done else "")
+    measured = "timed: " + ", ".join(f"{per_image[s] * 1e3:.1f} ms per training image at {s} px" for s in ends) + \
+        f", {eval_per_image * 1e3:.1f} ms per inference image"
+    return Estimate(sum(parts_s.values()), parts_s, machine, plan, measured,
+                    {"per_image_train": per_image, "per_image_eval": eval_per_image, "save_s": save_s})
+
+
+class _Labels:
+    labels = np.zeros(0, np.int64)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def for_params(params: Mapping[str, Any], *, progress: bool = False) -> Estimate:
+    """The estimate for a resolved params mapping: counts the data's films (decoding them into the cache
+    once, as the run would), then :func:`measure`."""
+    from . import data as data_mod
+
+    data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress)
+    return measure(params, len(data.train), len(data.test), data.image_size)
+
+
+# ------------------------------------------------------------------------------------------------ Kaggle
+#: Images per second at 256 px on one NVIDIA H200, bf16 autocast (README, Benchmarks): training steps
+#: (forward + backward + AdamW, batch 64, bench/train_step.py) and plain inference (batch 1024,
+#: bench/predict.py). The one table Kaggle's estimate comes from; other models are scaled from the
+#: measured model nearest in forward GFLOPs.
+H200_TRAIN_IMAGES_PER_S = {"simple_cnn": 5527.0, "resnet18": 4584.0, "vgg19": 1151.0}
+H200_INFER_IMAGES_PER_S = {"resnet_tiny": 12307.0}
+#: Forward GFLOPs per 256 px image (README's model table), for the scaling above.
+GFLOPS_256 = {"simple_cnn": 1.85, "resnet_tiny": 1.11, "resnet18": 4.53, "resnet34": 9.36, "mobilenet_v2": 0.76,
+              "efficientnet_b0": 0.99, "unet": 24.06, "unet_small": 1.51, "vgg16": 40.75, "vgg19": 51.62,
+              "vgg_cnn": 51.85}
+#: How much slower one Kaggle T4 is than one H200 for these small nets. Not measured here (no T4 was
+#: available): the ratio of their dense fp16 tensor throughput (65 vs 989 TFLOPS) is 15x; the small nets
+#: keep an H200 only 60-90 % busy, so 12x is used. Two T4s under torchrun: x 1.8.
+T4_SLOWDOWN = 12.0
+
+
+def _scaled(table: Mapping[str, float], name: str) -> tuple[float, str]:
+    flops = GFLOPS_256.get(name, 4.0)
+    base = min(table, key=lambda m: abs(math.log(GFLOPS_256[m] / flops)))
+    return table[base] * GFLOPS_256[base] / flops, base
+
+
+def kaggle(params: Mapping[str, Any], n_train: int = 27_000, n_test: int = 6_920, gpus: int = 1) -> dict[str, Any]:
+    """Expected time on Kaggle's T4 GPU(s) for ``params`` at the competition's size, from the per-image
+    figures above, and a warning when that passes Kaggle's session limit."""
+    speed = 1.8 if gpus == 2 else 1.0
+    train_ips, base = _scaled(H200_TRAIN_IMAGES_PER_S, params["model"])
+    infer_ips, _ = _scaled(H200_INFER_IMAGES_PER_S, params["model"])
+    train_ips, infer_ips = train_ips / T4_SLOWDOWN * speed, infer_ips / T4_SLOWDOWN * speed
+    pixels = [(s / 256) ** 2 for s in _sizes(params)]
+    full = (params["image_size"] / 256) ** 2
+    parts, n_fit, n_held = _images(params, n_train)
+    views = (4 if params["hflip"] > 0 else 3) if params["tta"] else 1
+    seconds = parts * (n_fit * sum(pixels) / train_ips + params["epochs"] * n_held * full / infer_ips
+                       + (n_held + n_test) * views * full / infer_ips)
+    hours = seconds / 3600
+    return {"seconds": seconds, "per_part_seconds": seconds / parts, "parts": parts,
+            "over_limit": hours > KAGGLE_LIMIT_H,
+            "line": (f"expected on Kaggle ({gpus} x T4): about {_minutes(seconds)}"
+                     + (f" ({_minutes(seconds / parts)} per fold)" if parts > 1 else "")
+                     + f" for {params['epochs']} epochs{f' x {parts} folds' if parts > 1 else ''} on {n_train} "
+                     f"films; projected from measured H200 throughput ({base} for training), scaled by forward "
+                     f"GFLOPs and a {T4_SLOWDOWN:g}x T4 slowdown that no T4 has confirmed yet"),
+            "warning": (f"warning: that is over Kaggle's {KAGGLE_LIMIT_H:g}-hour session limit, so the notebook would "
+                        "be stopped: use fewer epochs or folds, a smaller model or image_size, or --gpus 2")
+            if hours > KAGGLE_LIMIT_H else ""}
+
+
+def announce(params: Mapping[str, Any], data: Any) -> str:
+    """Print (and return) the run's estimate: the one ``lungs run`` measured and handed to this notebook's
+    kernel, else measured here on ``data`` (a :class:`~lungs_utils.data.LungsData`)."""
+    line = os.environ.get(ESTIMATE_ENV) or measure(params, len(data.train), len(data.test), data.image_size).line()
+    print(line, flush=True)
+    return line
+
+
+def trains(notebook: str) -> bool:
+    """Whether a suite notebook trains a model (what an estimate is for), from its source."""
+    from .runner import find_notebook
+
+    text = find_notebook(notebook).read_text(encoding="utf-8")
+    return "experiment.train(" in text or "segmentation.train_folds(" in text
+
+
+#: Carries ``lungs run``'s estimate into the notebook it runs.
+ESTIMATE_ENV = "LUNGS_ESTIMATE"
