@@ -247,9 +247,9 @@ def compare_submissions(subs: Sequence[str | os.PathLike[str]], answers: str | o
     truth = validate_submission(answers)
     scored = [(Path(s), *_against(s, truth)) for s in subs]
     rows = []
-    for path, y, pred in scored:
+    for i, (path, y, pred) in enumerate(scored):
         ci = f1_interval(y, pred)
-        gap = None if path == scored[0][0] else paired_f1_difference(y, pred, scored[0][2]).as_dict()
+        gap = None if i == 0 else paired_f1_difference(y, pred, scored[0][2]).as_dict()
         rows.append({"file": str(path), "macro_f1": ci.value, "low": ci.low, "high": ci.high,
                      "accuracy": float((y == pred).mean()), "n": int(len(y)), "vs_first": gap})
     return rows

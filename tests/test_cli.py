@@ -73,6 +73,10 @@ def test_score_compares_submissions_paired_on_the_same_images(tmp_path: Path,
     assert len(out) == 5 and all("(95% CI" in line for line in out[:3]) and out[0].endswith("good.csv")
     assert "worse.csv vs" in out[3] and "behind by" in out[3] and "paired over the same 300 images" in out[3]
     assert "same.csv vs" in out[4] and "within the noise: +0.000" in out[4]
+    # The same file twice: the second is compared with the first, not taken for it.
+    assert main(["score", files[0], files[0], "--answers", str(tmp_path / "truth.csv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and "good.csv vs" in out[2] and "within the noise: +0.000" in out[2]
 
 
 def test_submit_without_credentials_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
