@@ -29,7 +29,7 @@ import pandas as pd
 from . import CLASS_NAMES, NUM_CLASSES
 from .errors import DataWarning, LungsError
 from .io import atomic_write_csv, atomic_write_text
-from .polarity import POLARITY_FILE
+from .paths import POLARITY_FILE
 
 #: Files tried as images (anything else in the folder is listed once and skipped).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")

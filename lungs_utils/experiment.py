@@ -123,11 +123,9 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
 def write_polarity(data: data_mod.LungsData, run_dir: Path) -> None:
     """``polarity.json``: the data's polarity detector (so ``lungs predict`` judges new films as the run's
     films were judged) and the ids of the films it turned upright."""
-    from .polarity import POLARITY_FILE
-
     if data.polarity is None:
         return
-    atomic_write_text(run_dir / POLARITY_FILE, json.dumps({
+    atomic_write_text(run_dir / paths.POLARITY_FILE, json.dumps({
         "weights": [float(v) for v in data.polarity],
         "inverted_train_ids": [int(i) for i in data.train.ids[data.flipped_train]],
         "inverted_test_ids": [int(i) for i in data.test.ids[data.flipped_test]]}) + "\n")

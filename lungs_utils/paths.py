@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataWarning, LungsError
-from .polarity import POLARITY_FILE
 
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
@@ -155,6 +154,9 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phant
 #: What a run leaves before it has produced anything (a start that crashed early): alone, these do
 #: not make a folder "hold a run", so rerunning the same command simply reuses the folder.
 LOCK_FILE = ".lock"
+#: The run-folder file holding a run's film-polarity detector (its data's, :mod:`lungs_utils.polarity`),
+#: written when a classifier run starts.
+POLARITY_FILE = "polarity.json"
 RUN_TRACES = ("params.yaml", "split.csv", POLARITY_FILE, "run.json", "kernel.log", "torchrun.log", LOCK_FILE)
 #: Set (to the folder's absolute path) by ``lungs run`` for the notebook's kernel and by ``lungs train``
 #: in-process: that folder was claimed by the command that runs this code, so it is ours to write.

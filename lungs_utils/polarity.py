@@ -19,8 +19,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: The run-folder file holding a run's detector (its data's), written by every classifier run.
-POLARITY_FILE = "polarity.json"
 #: Thumbnail side: the global layout (bright spine, mediastinum and abdomen, dark lung fields) is all it needs.
 THUMB = 16
 #: Regularisation of the logistic regression (inverse strength); its margin on unseen films grows with it.
