@@ -383,19 +383,19 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
     values = resolve(params_file, overrides)
     notebook_in = _check_runnable(values)
     given = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else overrides
-    if values["resume"] or on_exists == "resume":
-        values["resume"] = values["resume"] or run_product(run_dir(values)) is not None
-    expected = estimate_line(values, progress=progress_bar)
-    if expected:
-        say(f"{run_dir(values).name}: {expected}")
     folder, resumed = _claim(values, on_exists)
     try:
         from .train import check_resume
 
         check_resume(folder, values)  # before params.yaml is rewritten
+        # Measured once the folder is ours (a refused run waits for nothing) and named as it will be
+        # (--suffix), with the epochs a resume leaves to train.
+        expected = estimate_line(values, progress=progress_bar)
     except BaseException:
         (folder / LOCK_FILE).unlink(missing_ok=True)
         raise
+    if expected:
+        say(f"{folder.name}: {expected}")
     executed = folder / notebook_in.name
     started_wall, t0 = time.time(), time.perf_counter()
     info: dict[str, Any] = {"run_name": folder.name, "status": "running", "started": _now()}
