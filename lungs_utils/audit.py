@@ -32,7 +32,6 @@ figures (several fold models' on a cross-validation run) into the result; ``lung
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -183,12 +182,12 @@ def attention(model: torch.nn.Module, dataset: XrayDataset, lungs: np.ndarray, p
               device: torch.device, progress: bool = False) -> dict[str, np.ndarray]:
     """Per image: ``share`` of the Grad-CAM mass (for the predicted class) inside the lungs (NaN for
     an all-zero map), ``area`` of the input the lungs cover, ``outside`` (which grid cells lie outside
-    the chest, for :func:`occlusion`), ``pred`` and ``label``."""
+    the chest, for :func:`occlusion`) and ``label``."""
     from .gradcam import TARGET_LAYERS, gradcam
     from .progress import bar
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False)
-    share, area, pred, outside, layer = [], [], [], [], ""
+    share, area, outside, layer = [], [], [], ""
     start = 0
     for x, _, _ in bar(loader, desc="audit", disable=not progress, leave=False):
         n = len(x)
@@ -196,7 +195,7 @@ def attention(model: torch.nn.Module, dataset: XrayDataset, lungs: np.ndarray, p
         start += n
         xin = to_input(x.to(device), params["image_size"], masks=params.get("masks", "none"),
                        histeq=params.get("histeq", False))
-        cams, probs, layer = gradcam(model, xin, layer=TARGET_LAYERS.get(params.get("model", "")))
+        cams, _, layer = gradcam(model, xin, layer=TARGET_LAYERS.get(params.get("model", "")))
         at_input = _masks_at_input(m, x, params)
         mask = at_input[:, 0].numpy()
         mass = cams.reshape(n, -1).sum(axis=1)
@@ -204,10 +203,8 @@ def attention(model: torch.nn.Module, dataset: XrayDataset, lungs: np.ndarray, p
         with np.errstate(invalid="ignore", divide="ignore"):
             share.append(np.where(mass > 0, inside / mass, np.nan))
         area.append(mask.reshape(n, -1).mean(axis=1))
-        pred.append(probs.argmax(axis=1))
         outside.append(outside_cells(grow_mask(hull(at_input))))
-    return {"share": np.concatenate(share), "area": np.concatenate(area), "pred": np.concatenate(pred),
-            "outside": np.concatenate(outside), "label": np.asarray(dataset.labels), "layer": np.asarray(layer)}
+    return {"share": np.concatenate(share), "area": np.concatenate(area), "outside": np.concatenate(outside), "label": np.asarray(dataset.labels), "layer": np.asarray(layer)}
 
 
 def blanked(dataset: XrayDataset, lungs: np.ndarray, keep: str) -> XrayDataset:
@@ -360,21 +357,6 @@ def assess(table: Mapping[str, Any], source: str, *, seed: int = 0, seconds: flo
     result["flags"] = flags(result)
     result["seconds"] = seconds
     return result
-
-
-def run(model: torch.nn.Module, data: LungsData, val: XrayDataset, params: Mapping[str, Any], *,
-        device: torch.device, autocast_dtype: torch.dtype | None = None, progress: bool = False
-        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The audit of one model on its validation set: ``(result for metrics.json, per-image table)``.
-
-    Without lung masks the result is ``{"status": "skipped", "reason": ...}`` and the table None.
-    """
-    t0 = time.perf_counter()
-    table, source = measure(model, data, val, params, device=device, autocast_dtype=autocast_dtype,
-                            progress=progress)
-    if table is None:
-        return {"status": "skipped", "reason": source}, None
-    return assess(table, source, seed=params.get("seed", 0), seconds=time.perf_counter() - t0), table
 
 
 def summary_line(result: Mapping[str, Any] | None) -> str:
