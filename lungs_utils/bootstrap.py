@@ -39,10 +39,6 @@ class Interval:
     n: int
     level: float = LEVEL
 
-    def clear_of(self, threshold: float = 0.0) -> bool:
-        """True when the whole interval lies above ``threshold``."""
-        return bool(self.low > threshold)
-
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -86,6 +82,11 @@ def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def _f1_value(cells: np.ndarray) -> float:
+    """Macro-F1 of all the images: the statistic the resamples scatter around."""
+    return float(_macro_f1_rows(cells.sum(axis=0).reshape(1, NUM_CLASSES, NUM_CLASSES))[0])
+
+
 def _f1_samples(cells: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     out = [_macro_f1_rows((w @ cells).reshape(-1, NUM_CLASSES, NUM_CLASSES))
            for w in resample_counts(len(cells), n_boot, seed)]
@@ -95,7 +96,7 @@ def _f1_samples(cells: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
 def f1_interval(y_true: Any, y_pred: Any, *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> Interval:
     """Macro-F1 of hard labels with its percentile-bootstrap interval over images."""
     cells = _cells(y_true, y_pred)
-    value = float(_macro_f1_rows(cells.sum(axis=0).reshape(1, NUM_CLASSES, NUM_CLASSES))[0])
+    value = _f1_value(cells)
     if len(cells) == 0:
         return Interval(value, float("nan"), float("nan"), 0, level)
     return Interval(value, *_percentiles(_f1_samples(cells, n_boot, seed), level), len(cells), level)
@@ -106,12 +107,11 @@ def paired_f1_difference(y_true: Any, pred_a: Any, pred_b: Any, *, n_boot: int =
     """Macro-F1 of ``pred_a`` minus that of ``pred_b`` on the same images, with a paired bootstrap
     interval (both scored on each resample). An interval that holds 0 means: within the noise."""
     a, b = _cells(y_true, pred_a), _cells(y_true, pred_b)
-    shape = (-1, NUM_CLASSES, NUM_CLASSES)
-    value = float(_macro_f1_rows(a.sum(axis=0).reshape(shape))[0] - _macro_f1_rows(b.sum(axis=0).reshape(shape))[0])
+    value = _f1_value(a) - _f1_value(b)
     if len(a) == 0:
         return Interval(value, float("nan"), float("nan"), 0, level)
-    diffs = np.concatenate([_macro_f1_rows((w @ a).reshape(shape)) - _macro_f1_rows((w @ b).reshape(shape))
-                            for w in resample_counts(len(a), n_boot, seed)])
+    # The same seed draws the same resamples for both: each difference is taken on one resample.
+    diffs = _f1_samples(a, n_boot, seed) - _f1_samples(b, n_boot, seed)
     return Interval(value, *_percentiles(diffs, level), len(a), level)
 
 
