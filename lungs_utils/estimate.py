@@ -10,13 +10,12 @@ throughputs kept in :data:`GPU_IMAGES_PER_S`.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import io
 import math
 import os
-import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,21 +102,17 @@ def _done(params: Mapping[str, Any]) -> int:
     return done
 
 
-class _Rng:
-    """Saves Python's, NumPy's and torch's random state and puts it back: an estimate must not shift the
-    run's random draws."""
+@contextlib.contextmanager
+def _same_random_draws() -> Iterator[None]:
+    """Puts every random state back afterwards (as a checkpoint keeps it): an estimate must not shift
+    the run's random draws."""
+    from .checkpoint import rng_state, set_rng_state
 
-    def __enter__(self) -> None:
-        import torch
-
-        self.state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        random.setstate(self.state[0])
-        np.random.set_state(self.state[1])
-        torch.set_rng_state(self.state[2])
+    state = rng_state({})
+    try:
+        yield
+    finally:
+        set_rng_state(state, {})
 
 
 def _time(fn: Any, repeats: int) -> float:
@@ -145,7 +140,7 @@ def measure(params: Mapping[str, Any], n_train: int, n_test: int, shape: tuple[i
     parts, n_fit, n_held = _images(params, n_train)
     epochs = params["epochs"]
     done = _done(params)
-    with _Rng():
+    with _same_random_draws():
         if seg:
             from .segmentation import SEGMENTATION, build_model
 
@@ -155,8 +150,8 @@ def measure(params: Mapping[str, Any], n_train: int, n_test: int, shape: tuple[i
 
             model, task = build_model(params), CLASSIFICATION
             channels = 2 if params["masks"] != "none" else 1
-        model = copy.deepcopy(model).to(device, memory_format=torch.channels_last if params["channels_last"]
-                                        else torch.preserve_format)
+        model = model.to(device, memory_format=torch.channels_last if params["channels_last"]
+                         else torch.preserve_format)
         batch = params["batch_size"]
         x = torch.randint(0, 256, (batch, channels, *shape), dtype=torch.uint8)
         if seg:
