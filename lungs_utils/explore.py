@@ -151,10 +151,11 @@ def verdict(trained: Trained, films: Films, probs: np.ndarray, index: int = 0) -
             f"{DISCLAIMER}")
 
 
-def look(run: str, files: Sequence[str | os.PathLike[str]], mask_run: str | None = None, index: int = 0
-         ) -> tuple[str, Figure]:
-    """Predict ``files`` with ``run`` and explain film ``index``: (text, figure)."""
-    trained = open_run(run)
+def look(run: str | Trained, files: Sequence[str | os.PathLike[str]], mask_run: str | None = None,
+         index: int = 0) -> tuple[str, Figure]:
+    """Predict ``files`` with ``run`` (a run name, or a run already opened) and explain film ``index``:
+    (text, figure)."""
+    trained = open_run(run) if isinstance(run, str) else run
     films = read_films([Path(f) for f in files], trained.shape, trained.polarity)
     lungs = predict_masks(mask_run, films) if mask_run else None
     probs = predict(trained, films, lungs)
@@ -171,12 +172,15 @@ def widget(runs: Sequence[str], films: Sequence[Path], mask_run: str | None = No
     film_box = w.Dropdown(options=[(f.name, str(f)) for f in films], description="film")
     upload = w.FileUpload(accept="image/*", multiple=False, description="upload a film")
     out = w.Output()
+    opened: dict[str, Trained] = {}  # each run's models loaded once, not on every pick
 
     def draw(path: str) -> None:
         out.clear_output(wait=True)
         with out:
             try:
-                text, fig = look(run_box.value, [path], mask_run)
+                if run_box.value not in opened:
+                    opened[run_box.value] = open_run(run_box.value)
+                text, fig = look(opened[run_box.value], [path], mask_run)
             except Exception as exc:  # noqa: BLE001 - any failure is shown to the person, one line
                 print(f"cannot explain {Path(path).name}: {str(exc).splitlines()[0]}")
                 return
