@@ -112,8 +112,9 @@ def film_polarity(train: ImageArray, test: ImageArray, cache: Path
         with np.load(path) as saved:
             weights, flipped_train, flipped_test = saved["weights"], saved["train"], saved["test"]
     except (OSError, ValueError, KeyError):
-        weights = polarity.fit(train.images)
-        flipped_train, flipped_test = polarity.inverted(weights, train.images), polarity.inverted(weights, test.images)
+        thumbs = polarity.thumbnails(train.images)  # once: the fit and the train films' verdicts share them
+        weights = polarity.fit(thumbs)
+        flipped_train, flipped_test = thumbs @ weights < 0, polarity.inverted(weights, test.images)
         from .io import atomic_path
 
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:

@@ -40,15 +40,16 @@ def thumbnails(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def fit(images: np.ndarray | Sequence[np.ndarray], max_images: int = 4000, seed: int = 0) -> np.ndarray:
-    """Detector weights ``(THUMB * THUMB,)`` fitted on upright films and their inversions (at most
-    ``max_images`` films, a seeded sample: more add nothing to a 256-weight linear model)."""
+def fit(thumbs: np.ndarray, max_images: int = 4000, seed: int = 0) -> np.ndarray:
+    """Detector weights ``(THUMB * THUMB,)`` fitted on upright films, given as their :func:`thumbnails`,
+    and their inversions (at most ``max_images`` films, a seeded sample: more add nothing to a 256-weight
+    linear model)."""
     from sklearn.linear_model import LogisticRegression
 
-    rows = np.arange(len(images))
+    rows = np.arange(len(thumbs))
     if len(rows) > max_images:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
-    x = thumbnails([images[int(i)] for i in rows])
+    x = thumbs[rows]
     labels = np.r_[np.ones(len(x)), np.zeros(len(x))]
     weights = np.zeros(x.shape[1])
     for _ in range(PASSES):
