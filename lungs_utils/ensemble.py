@@ -346,6 +346,7 @@ def write_ensemble(result: EnsembleResult, out_dir: str | os.PathLike[str]) -> d
         "val_macro_f1_ci": [ci.low, ci.high],
         "n_val": int(len(y)),
         "val_set": result.fitted_on,
+        "oof": result.oof,  # scored on out-of-fold predictions (every train image): for the leaderboard
         "val_accuracy": result.val_accuracy,
         "val_f1_per_class": [c["f1"] for c in scored["per_class"].values()],
         "confusion_matrix": scored["confusion_matrix"],

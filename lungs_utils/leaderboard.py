@@ -149,7 +149,7 @@ def row_for(run_dir: Path) -> dict[str, Any]:
         "val_f1_low": low, "val_f1_high": high,
         "vs_best": "", "gap_to_best": np.nan, "gap_low": np.nan, "gap_high": np.nan,
         "val_images": len(labels) if labels is not None else metrics.get("n_val", np.nan),
-        "val_set": ("out-of-fold" if metrics.get("cv") or "out-of-fold" in str(metrics.get("val_set", ""))
+        "val_set": ("out-of-fold" if metrics.get("cv") or metrics.get("oof")
                     else "validation" if labels is not None else ""),
         "val_accuracy": metrics.get("val_accuracy", np.nan),
         "epochs": metrics.get("epochs_run", np.nan),
