@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import shutil
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import DataWarning, LungsError
-from .paths import find_data_dir, is_data_dir, outputs_dir, phantom_dir
+from .errors import LungsError
+from .paths import find_data_dir, is_data_dir, outputs_dir, phantom_dir, synthetic_notice_given
 
 
 def ensure_phantom(n_train: int = 600, n_test: int = 200, size: int = 256, seed: int = 0) -> Path:
@@ -74,9 +73,9 @@ def run_demo(n_train: int = 600, n_test: int = 200, size: int = 256, overrides: 
     # Said once, here, in the demo's words, rather than as a warning each run repeats.
     print(f"demo data: {real}" if real else
           f"demo data: the synthetic phantom set in {phantom} (its scores say nothing about real X-rays)")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="using the SYNTHETIC phantom dataset", category=DataWarning)
-        records = pipeline(files, fixed, on_exists="resume")
+    if not real:
+        synthetic_notice_given()
+    records = pipeline(files, fixed, on_exists="resume")
     print(format_summary(records))
     table = leaderboard.gather()
     path = leaderboard.write(table)

@@ -122,6 +122,12 @@ def _explicit(path: str | os.PathLike[str], source: str) -> Path:
 _SAID_SYNTHETIC: set[Path] = set()
 
 
+def synthetic_notice_given() -> None:
+    """The user was told in other words (``lungs demo`` says "demo data: ..."): :func:`find_data_dir`
+    does not warn about the phantom data again in this process."""
+    _SAID_SYNTHETIC.add(phantom_dir() / "data")
+
+
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phantom: bool = True) -> Path:
     """Locate the dataset folder (see module docstring for the order)."""
     if data_dir is not None:
