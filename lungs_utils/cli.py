@@ -74,15 +74,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     """``--estimate``: the expected minutes of the recipe on this machine; no run folder is written."""
-    from .estimate import for_params, trains
-    from .runner import _check_runnable, resolve
+    from .runner import _check_runnable, estimate_line, resolve
 
     values = resolve(args.params, args.param)
     _check_runnable(values)
-    if not trains(values["notebook"]):
-        print(f"{values['notebook']} trains nothing: it takes seconds to a minute")
-        return 0
-    print(for_params(values, progress=sys.stderr.isatty()).line(detail=True))
+    line = estimate_line(values, progress=sys.stderr.isatty(), detail=True)
+    print(line or f"{values['notebook']} trains nothing: it takes seconds to a minute")
     return 0
 
 

@@ -359,12 +359,12 @@ def _val_f1(folder: Path, since: float) -> tuple[float | None, tuple[float, floa
     return float(value), (tuple(ci) if isinstance(ci, list) and len(ci) == 2 else None)  # type: ignore[return-value]
 
 
-def estimate_line(values: Mapping[str, Any], progress: bool = False) -> str | None:
-    """The expected minutes of a run that trains (:mod:`lungs_utils.estimate`), measured here; None for
-    the notebooks that train nothing (data, ensemble, leaderboard, explore)."""
+def estimate_line(values: Mapping[str, Any], progress: bool = False, detail: bool = False) -> str | None:
+    """The expected minutes of a run that trains (:mod:`lungs_utils.estimate`), measured here (``detail``:
+    with what was timed); None for the notebooks that train nothing (data, ensemble, leaderboard, explore)."""
     from .estimate import for_params, trains
 
-    return for_params(values, progress=progress).line() if trains(values["notebook"]) else None
+    return for_params(values, progress=progress).line(detail) if trains(values["notebook"]) else None
 
 
 def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (), *,
