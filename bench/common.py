@@ -30,7 +30,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def phantom_data(folder: Path, n: int, size: int) -> Path:
     """A phantom dataset for benchmarks (generated once, reused)."""
-    from lungs_utils import phantom
+    from lungs_utils.xrays import phantom
 
     target = folder / f"n{n}_s{size}"
     if not (target / "data" / "train_images").is_dir():

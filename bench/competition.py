@@ -32,11 +32,12 @@ import pandas as pd
 
 from common import ROOT, machine
 
-from lungs_utils import data as D
+from lungs_utils.xrays import data as D
 from lungs_utils import params as P
-from lungs_utils import paths, phantom
+from lungs_utils import paths
+from lungs_utils.xrays import phantom
 from lungs_utils.errors import LungsError, failure_line
-from lungs_utils.runner import device_description
+from lungs_utils.runs.provenance import device_description
 
 COMPETITION = {"n": 27_000, "n_test": 6_920, "size": 256}
 DRY_RUN = {"n": 300, "n_test": 80, "epochs": 2}

@@ -31,11 +31,14 @@ import torch
 
 from common import ROOT, machine, phantom_data, rate, table
 
-from lungs_utils import data as D
-from lungs_utils import models, presets
+from lungs_utils.xrays import data as D
+from lungs_utils import models
+from lungs_utils.xrays import presets
 from lungs_utils import params as P
 from lungs_utils.errors import LungsError
-from lungs_utils.train import autocast_dtype, make_loss, make_optimizer, train_step
+from lungs_utils.engine.device import autocast_dtype
+from lungs_utils.engine.loop import train_step
+from lungs_utils.engine.optim import make_loss, make_optimizer
 
 WARMUP_STEPS = 3  # the first compiled steps: compilation (forward and backward graphs) happens here
 

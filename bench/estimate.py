@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import ROOT, machine, phantom_data
 
-from lungs_utils import estimate
+from lungs_utils.engine import estimate
 from lungs_utils import params as P
 
 DEMO = ("05_lung_segmentation.yaml", "15_resnet_tiny.yaml", "16_resnet_tiny_masks.yaml")

@@ -12,9 +12,9 @@ import torch
 
 from common import baseline_loader, machine, parser, phantom_data, table
 
-from lungs_utils import data as D
+from lungs_utils.xrays import data as D
 from lungs_utils import params as P
-from lungs_utils import presets
+from lungs_utils.xrays import presets
 
 
 def main() -> None:

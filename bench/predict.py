@@ -11,10 +11,10 @@ import torch
 
 from common import machine, parser, phantom_data, table
 
-from lungs_utils import data as D
+from lungs_utils.xrays import data as D
 from lungs_utils import models
-from lungs_utils.predict import predict_proba
-from lungs_utils.train import autocast_dtype
+from lungs_utils.engine.predict import PredictSettings, predict_proba
+from lungs_utils.engine.device import autocast_dtype
 
 
 def main() -> None:
@@ -33,11 +33,11 @@ def main() -> None:
     for batch in args.batches:
         cells = []
         for tta in (False, True):
-            predict_proba(model, torch.utils.data.Subset(test, range(min(len(test), batch))), image_size=args.size,
-                          device=device, batch_size=batch, tta=tta, channels_last=True, autocast_dtype=dtype)
+            settings = PredictSettings(image_size=args.size, device=device, dtype=dtype, batch_size=batch, tta=tta,
+                                       channels_last=True)
+            predict_proba(model, torch.utils.data.Subset(test, range(min(len(test), batch))), settings)
             t = time.perf_counter()
-            predict_proba(model, test, image_size=args.size, device=device, batch_size=batch, tta=tta,
-                          channels_last=True, autocast_dtype=dtype)
+            predict_proba(model, test, settings)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             cells.append(f"{len(test) / (time.perf_counter() - t):,.0f}")

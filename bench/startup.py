@@ -21,7 +21,7 @@ from pathlib import Path
 from lungs_utils.hardware import describe_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ("import json, sys\nfrom lungs_utils.cli import main\n"
+PROBE = ("import json, sys\nfrom lungs_utils.app.cli import main\n"
          "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
          "print('\\n' + json.dumps({'code': code, 'torch': 'torch' in sys.modules}), file=sys.stderr)")
 

@@ -16,11 +16,14 @@ from sklearn.metrics import f1_score
 
 from common import baseline_loader, machine, parser, phantom_data, table
 
-from lungs_utils import data as D
-from lungs_utils import models, presets
+from lungs_utils.xrays import data as D
+from lungs_utils import models
+from lungs_utils.xrays import presets
 from lungs_utils import params as P
-from lungs_utils.metrics import ConfusionMatrix
-from lungs_utils.train import autocast_dtype, make_loss, make_optimizer, train_step
+from lungs_utils.stats.metrics import ConfusionMatrix
+from lungs_utils.engine.device import autocast_dtype
+from lungs_utils.engine.loop import train_step
+from lungs_utils.engine.optim import make_loss, make_optimizer
 
 # vgg19 at 256 px is minutes per step batch on a 2-core CPU: measured at 128 px there.
 CPU_SIZE = {"vgg19": 128, "vgg16": 128, "vgg_cnn": 128}

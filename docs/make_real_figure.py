@@ -14,14 +14,16 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import yaml
+import torch
 from PIL import Image
 
-from lungs_utils import data as data_mod
-from lungs_utils import gradcam, models, plots, segmentation
-from lungs_utils.metrics import dice_iou
-from lungs_utils.train import load_checkpoint, load_weights
+from lungs_utils.xrays import data as data_mod
+from lungs_utils.analysis import gradcam
+from lungs_utils.stats import plots
+from lungs_utils.stats.metrics import dice_iou
+from lungs_utils.engine.checkpoint import load_model
+from lungs_utils.runfolder import CLASSIFIER, MASKS_DIR, OOF_MASKS, SPLIT_FILE, RunFolder
+from lungs_utils.xrays.folds import Split
 
 
 def _png(fig) -> Image.Image:  # noqa: ANN001
@@ -31,7 +33,7 @@ def _png(fig) -> Image.Image:  # noqa: ANN001
 
 
 def masks_panel(seg_run: Path, data: data_mod.LungsData, worst: int = 3, random: int = 3) -> Image.Image:
-    files = data_mod.list_images(seg_run / segmentation.MASKS_DIR / segmentation.OOF_MASKS)
+    files = data_mod.list_images(seg_run / MASKS_DIR / OOF_MASKS)
     rows = np.flatnonzero(np.isin(data.train.ids, list(files)))
     predicted = np.stack([np.asarray(Image.open(files[int(data.train.ids[r])]).convert("L").resize(
         data.image_size[::-1])) for r in rows])
@@ -47,13 +49,12 @@ def masks_panel(seg_run: Path, data: data_mod.LungsData, worst: int = 3, random:
 
 
 def gradcam_panel(run: Path, data: data_mod.LungsData) -> Image.Image:
-    params = yaml.safe_load((run / "params.yaml").read_text())
-    if params.get("masks", "none") != "none":
-        raise SystemExit(f"{run}: pick a classifier run with masks: none (this one uses {params['masks']})")
-    split = pd.read_csv(run / "split.csv")
-    _, val, _ = data_mod.datasets(data, split)
-    model = models.build(params["model"])
-    load_weights(model, load_checkpoint(run / "checkpoints" / "best.pt"), str(run))
+    folder = RunFolder(run)
+    params = folder.load_params()
+    if params["masks"] != "none" or folder.kind != CLASSIFIER:
+        raise SystemExit(f"{run}: pick a single-split classifier run with masks: none")
+    _, val, _ = data_mod.datasets(data, Split.read(run / SPLIT_FILE).part(0))
+    model = load_model(params, folder.checkpoints()[0], torch.device("cpu"))
     return _png(gradcam.examples(model.eval(), val, params, per_class=4))
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("classifier_run", type=Path)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("real_xrays.png"))
     args = ap.parse_args()
-    seg_params = yaml.safe_load((args.seg_run / "params.yaml").read_text())
+    seg_params = RunFolder(args.seg_run).load_params()
     data = data_mod.load(seg_params["data_dir"], progress=False)
     top, bottom = masks_panel(args.seg_run, data), gradcam_panel(args.classifier_run, data)
     width = max(top.width, bottom.width)

@@ -40,7 +40,7 @@ def _s(types: type | tuple[type, ...], default: Any, help: str, **kw: Any) -> Sp
 #: A run name is one plain folder name under outputs/ (``output_dir`` is the explicit way elsewhere).
 RUN_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]{1,128}")
 
-#: How a classifier uses a lung mask (key ``masks``; applied in :func:`lungs_utils.presets.apply_masks`).
+#: How a classifier uses a lung mask (key ``masks``; applied in :func:`lungs_utils.xrays.presets.apply_masks`).
 MASK_MODES = ("none", "multiply", "crop", "channel")
 
 #: Every parameter a params file or a notebook may set. Notebook defaults are quick CPU settings;
@@ -57,15 +57,15 @@ SCHEMA: dict[str, Spec] = {
                      "image_size over the first 70 % of the epochs (null = off); validation and test always "
                      "use image_size", nullable=True, minimum=16, maximum=1024),
     "val_fraction": _s(float, 0.2, "stratified validation share", minimum=0.01, maximum=0.9),
-    "folds": _s(int, None, "k for k-fold assignment (null = single split)", nullable=True, minimum=2),
-    "fold": _s(int, 0, "which fold is validation when folds is set", minimum=0),
-    "cv": _s(int, None, "k-fold cross-validation as one run: train all k folds (each a sub-run in fold_<k>/), "
-             "score the out-of-fold predictions of every train image, fit the temperature on them and average "
-             "the fold models on the test set (null = one train/validation split)", nullable=True, minimum=2,
+    "cv": _s(int, None, "k-fold cross-validation as one run, for classifiers and lung segmentation alike: "
+             "train all k folds (each a sub-run in fold_<k>/) and predict every train image with the fold "
+             "model that never saw it (out-of-fold); a classifier fits its temperature on those predictions "
+             "and averages the fold models on the test set, a segmentation run writes every train image's "
+             "out-of-fold mask (null = one train/validation split, val_fraction)", nullable=True, minimum=2,
              maximum=20),
     "limit": _s(int, None, "use only this many train images (stratified; quick runs)", nullable=True,
                 minimum=3),
-    "cache_dir": _s(str, None, "decoded-image cache folder (null = data/cache)", nullable=True),
+    "cache_dir": _s(str, None, "decoded-image cache folder (null = env LUNGS_CACHE_DIR, else data/cache)", nullable=True),
     "num_workers": _s(int, 0, "DataLoader worker processes", minimum=0),
     "histeq": _s(bool, False, "equalise each radiograph's histogram before anything else (evens out "
                  "exposure and contrast between X-ray machines; train, validation and test alike)"),
@@ -91,7 +91,8 @@ SCHEMA: dict[str, Spec] = {
     "label_smoothing": _s(float, 0.0, "cross-entropy label smoothing", minimum=0.0, maximum=0.5),
     "class_weights": _s((str, list), "none", "loss class weights: none, balanced or [w0, w1, w2]"),
     "grad_clip": _s(float, None, "clip gradient norm to this (null = off)", nullable=True, minimum=0.0),
-    "precision": _s(str, "auto", "autocast precision (auto: bf16 on GPUs and bf16-capable CPUs, else fp32)",
+    "precision": _s(str, "auto", "autocast precision (auto: bf16 on GPUs and bf16-capable CPUs, else fp32; "
+                    "fp16 with a gradient scaler on older GPUs)",
                     choices=("auto", "fp32", "bf16", "fp16")),
     "channels_last": _s(bool, True, "use channels_last memory format"),
     "compile": _s(bool, False, "torch.compile the model"),
@@ -122,17 +123,36 @@ SCHEMA: dict[str, Spec] = {
     "mixup": _s(float, 0.0, "mixup alpha (0 = off)", minimum=0.0),
     "cutmix": _s(float, 0.0, "cutmix alpha (0 = off)", minimum=0.0),
     # --- prediction ------------------------------------------------------------------------------
-    "tta": _s(bool, False, "test-time augmentation (flip + scale shifts)"),
+    "tta": _s(bool, False, "test-time augmentation: average the film, its mirror (left out when hflip is 0) and two small zooms"),
     "tune_decision": _s(bool, False, "shift the class boundaries to maximise validation macro-F1 (per-class "
                         "offsets; the cross-fitted gain is reported) and use them for the submission"),
     "calibrate": _s(bool, True, "fit one temperature on the validation predictions and save calibrated "
                     "probabilities (classes unchanged); false keeps the raw softmax"),
-    "audit": _s(bool, True, "shortcut audit after predicting: Grad-CAM attention inside the lungs and "
-                "macro-F1 with the lungs / the rest blanked (needs lung masks)"),
+    "audit": _s(bool, True, "shortcut audit after predicting (needs lung masks): occlusion maps outside the "
+                "chest, flagged when one cell's hot spot clears its simultaneous interval; Grad-CAM share inside "
+                "the lungs, flagged when it lies wholly below half their area; macro-F1 with the lungs / the "
+                "rest blanked, shown with intervals, never flagged"),
     # --- ensemble / leaderboard notebooks ---------------------------------------------------------
     "runs": _s(list, [], "run folders or run names to combine"),
-    "ensemble_method": _s(str, "weighted", "ensemble method", choices=("mean", "weighted", "vote")),
+    "ensemble_method": _s(str, "mean", "ensemble method: mean (measured best on real X-rays), weighted "
+                          "(Caruana selection: its validation score is optimistic) or vote",
+                          choices=("mean", "weighted", "vote")),
 }
+
+#: Keys that were renamed or dropped: a file or -p that still uses one gets this line instead of "unknown key".
+RENAMED: dict[str, str] = {
+    "folds": "'folds' is now 'cv' (one key for classifiers and lung segmentation): write cv: {value}",
+    "fold": "'fold' is gone: cv: k trains every fold in one run; for one train/validation split write cv: null "
+            "and val_fraction",
+}
+
+#: The notebook of lung-segmentation runs (every other model notebook trains a classifier).
+SEGMENTATION_NOTEBOOK = "05_lung_segmentation.ipynb"
+
+
+def is_segmentation(params: Mapping[str, Any]) -> bool:
+    """Whether these params describe a lung-segmentation run."""
+    return params.get("notebook") == SEGMENTATION_NOTEBOOK
 
 
 def defaults() -> dict[str, Any]:
@@ -151,6 +171,8 @@ def _type_name(spec: Spec) -> str:
 
 def check_value(key: str, value: Any, source: str = "params") -> Any:
     """Validate one value against the schema; returns it (ints widened to float where a number is due)."""
+    if key in RENAMED:
+        raise LungsError(f"{source}: {RENAMED[key].format(value='null' if value is None else value)}")
     if key not in SCHEMA:
         hint = difflib.get_close_matches(key, SCHEMA, n=1)
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -209,6 +231,11 @@ def validate(values: Mapping[str, Any], source: str = "params") -> dict[str, Any
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a params file: a YAML mapping of known keys (validated, not yet merged with defaults)."""
+    return validate(_mapping(path), source=str(path))
+
+
+def _mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file's ``key: value`` mapping as written (one error line when it is not one)."""
     path = Path(path)
     if not path.is_file():
         raise LungsError(f"params file not found: {path} (see params/ for examples)")
@@ -225,7 +252,18 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise LungsError(f"{path}: expected 'key: value' lines (a YAML mapping), got {type(data).__name__}")
-    return validate(data, source=str(path))
+    return data
+
+
+def upgrade(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The params of a run folder written by an earlier version, in today's keys: a segmentation run's
+    ``folds: k`` is ``cv: k``; a classifier's ``folds`` / ``fold`` (one fold of a k-fold assignment) was
+    a single split, which its ``split.csv`` records."""
+    values = dict(values)
+    folds, _ = values.pop("folds", None), values.pop("fold", None)
+    if folds and values.get("notebook") == SEGMENTATION_NOTEBOOK and not values.get("cv"):
+        values["cv"] = folds
+    return values
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -262,12 +300,23 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | 
     return resolve(*layers)
 
 
+def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run folder's ``params.yaml`` (written by this or an earlier version: see :func:`upgrade`)."""
+    values = defaults()
+    values.update(validate(upgrade(_mapping(path)), source=str(path)))
+    return values
+
+
 def from_namespace(namespace: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
     """Collect params from a notebook's globals (its ``parameters`` cell plus papermill's injections).
 
-    Only schema keys are taken; everything else in the namespace is ignored. ``fixed`` values
-    (e.g. the notebook's own name) override.
+    Only schema keys are taken; everything else in the namespace is ignored, except a renamed key
+    (:data:`RENAMED`), which says what to write instead. ``fixed`` values (e.g. the notebook's own name)
+    override.
     """
+    for key in RENAMED:
+        if key in namespace:
+            check_value(key, namespace[key], source="parameters cell")
     picked = {k: namespace[k] for k in SCHEMA if k in namespace}
     picked.update(fixed)
     return resolve(picked)

@@ -1,4 +1,5 @@
-"""Where things live: the project root, data discovery, cache and output folders.
+"""Where things live — the project root, the suite's notebooks and params files, data discovery, caches,
+outputs — and how a run takes its folder (claim, lock, refuse, resume, suffix, overwrite).
 
 Discovery order for the dataset folder (the one that holds ``train_images/``):
 explicit ``data_dir`` → env ``LUNGS_DATA_DIR`` → a Kaggle input mount (``/kaggle/input/**/train_answers.csv``;
@@ -8,22 +9,27 @@ data (with a warning that it is synthetic) → a clear error that says how to ge
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
-import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import DataWarning, LungsError
+from .runfolder import LOCK_FILE, RUN_TRACES
 
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
 KAGGLE_TEMP = Path("/kaggle/temp")
+#: The folder holding this package: the suite's checkout, whose git commit every run records.
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def project_root() -> Path:
@@ -40,9 +46,8 @@ def project_root() -> Path:
     for folder in (here, *here.parents):
         if (folder / "params").is_dir() and (folder / "notebooks").is_dir():
             return folder
-    package_root = Path(__file__).resolve().parents[1]
-    if (package_root / "params").is_dir() and (package_root / "notebooks").is_dir():
-        return package_root
+    if (CHECKOUT / "params").is_dir() and (CHECKOUT / "notebooks").is_dir():
+        return CHECKOUT
     return KAGGLE_WORKING if KAGGLE_WORKING.is_dir() else here
 
 
@@ -62,6 +67,36 @@ def outputs_dir() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return project_root() / "outputs"
+
+
+def suite_path(*parts: str) -> Path:
+    """``<project root>/<parts>`` when it exists, else the same path in this package's checkout.
+
+    The second place lets an isolated ``LUNGS_HOME`` (tests, a scratch folder) still use the suite's
+    own notebooks and params files; copies in the project root win.
+    """
+    here = project_root().joinpath(*parts)
+    if here.exists():
+        return here
+    fallback = CHECKOUT.joinpath(*parts)
+    return fallback if fallback.exists() else here
+
+
+def find_notebook(name: str) -> Path:
+    """The notebook a params file names (a file under ``notebooks/``, or a path)."""
+    given = Path(name).expanduser()
+    if given.suffix != ".ipynb":
+        raise LungsError(f"notebook: {name!r} is not a .ipynb file; name one of notebooks/*.ipynb")
+    if given.is_absolute() or len(given.parts) > 1:
+        if given.is_file():
+            return given.resolve()
+        raise LungsError(f"notebook: {given} does not exist")
+    path = suite_path("notebooks", name)
+    if not path.is_file():
+        folder = path.parent
+        available = ", ".join(sorted(p.name for p in folder.glob("*.ipynb"))) if folder.is_dir() else ""
+        raise LungsError(f"notebook: {name!r} not found in {folder}; available: {available or 'none'}")
+    return path
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -157,16 +192,12 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, allow_phant
 # --------------------------------------------------------------------------------------------------
 # Run folders: where a run goes, and whether it may be written there
 # --------------------------------------------------------------------------------------------------
-#: What a run leaves before it has produced anything (a start that crashed early): alone, these do
-#: not make a folder "hold a run", so rerunning the same command simply reuses the folder.
-LOCK_FILE = ".lock"
-#: The run-folder file holding a run's film-polarity detector (its data's, :mod:`lungs_utils.polarity`),
-#: written when a classifier run starts.
-POLARITY_FILE = "polarity.json"
-RUN_TRACES = ("params.yaml", "split.csv", POLARITY_FILE, "run.json", "kernel.log", "torchrun.log", LOCK_FILE)
 #: Set (to the folder's absolute path) by ``lungs run`` for the notebook's kernel and by ``lungs train``
 #: in-process: that folder was claimed by the command that runs this code, so it is ours to write.
 CLAIMED_ENV = "LUNGS_CLAIMED_RUN_DIR"
+#: Carries ``lungs run``'s time estimate into the notebook it runs (and a notebook's into its torchrun
+#: workers), so the run's first line repeats it instead of timing it again.
+ESTIMATE_ENV = "LUNGS_ESTIMATE"
 
 
 def run_dir(params: Mapping[str, Any]) -> Path:
@@ -288,3 +319,104 @@ def ensure_writable(folder: Path) -> None:
     except OSError as exc:
         raise LungsError(f"cannot write the run folder {folder} ({exc.strerror or type(exc).__name__}); make it "
                          "writable, or set LUNGS_OUTPUTS (or output_dir) to a writable folder") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Claiming a run folder: refuse, resume, suffix or overwrite, and a lock against a second run
+# --------------------------------------------------------------------------------------------------
+ON_EXISTS = ("error", "resume", "suffix")
+
+
+def timestamp() -> str:
+    """Now, as run records write it (ISO 8601, local time with its offset)."""
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def acquire_lock(folder: Path, name: str) -> Path:
+    """Create ``folder/.lock`` exclusively (a stale lock of a dead process is replaced)."""
+    lock = folder / LOCK_FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            # O_EXCL, not an atomic rename: creating the file *is* the test-and-set.
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_holder(folder)
+            if pid is not None:
+                raise already_running(name, folder, pid) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": timestamp()}, fh)
+        return lock
+    raise LungsError(f"could not take the lock {lock}; remove it if no run of {name} is active")
+
+
+def claim(values: dict[str, Any], on_exists: str) -> tuple[Path, bool]:
+    """Decide the run folder per ``on_exists`` (and ``overwrite``), take its lock; returns (folder, resumed).
+
+    A folder holding a run is refused, resumed or suffixed as ``on_exists`` says, or replaced with
+    ``overwrite``; one holding only the traces of a start that produced nothing is reused
+    (:func:`make_run_dir`). ``values`` is updated to match (``resume``, ``run_name`` / ``output_dir``).
+    """
+    if on_exists not in ON_EXISTS:
+        raise ValueError(f"on_exists must be one of {ON_EXISTS}, got {on_exists!r}")
+    if values["resume"]:
+        on_exists = "resume"
+    folder = run_dir(values)
+    name = folder.name
+    resumed = False
+    pid = lock_holder(folder)
+    if pid is not None:
+        raise already_running(name, folder, pid)
+    product = run_product(folder)
+    if product is not None and not values["overwrite"]:
+        if on_exists == "error":
+            raise LungsError(f"run folder {folder} already holds a run ({product.relative_to(folder)}): continue it "
+                             f"with -p resume=true (--resume), start {name}-2 with --suffix, or replace it with "
+                             "-p overwrite=true (--overwrite)")
+        if on_exists == "resume":
+            values["resume"] = resumed = True
+        else:
+            folder = _next_free(folder)
+            if values["output_dir"]:
+                values["output_dir"] = str(folder)
+            else:
+                values["run_name"] = folder.name
+    make_run_dir(values)
+    acquire_lock(folder, folder.name)
+    return folder, resumed
+
+
+@contextlib.contextmanager
+def claimed(values: dict[str, Any], on_exists: str = "error") -> Iterator[tuple[Path, bool]]:
+    """Claim the run folder (:func:`claim`) and hold its lock for the block; yields (folder, resumed).
+    Used by ``lungs train``, which has no notebook around it: code in the block sees the folder as
+    claimed (:func:`claimed_here`)."""
+    folder, resumed = claim(values, on_exists)
+    saved = os.environ.get(CLAIMED_ENV)
+    os.environ[CLAIMED_ENV] = str(folder.resolve())
+    try:
+        yield folder, resumed
+    finally:
+        if saved is None:
+            os.environ.pop(CLAIMED_ENV, None)
+        else:
+            os.environ[CLAIMED_ENV] = saved
+        release(folder)
+
+
+def release(folder: Path) -> None:
+    """Give up the lock this process holds on ``folder``."""
+    (folder / LOCK_FILE).unlink(missing_ok=True)
+
+
+def _next_free(folder: Path) -> Path:
+    k = 2
+    while True:
+        candidate = folder.with_name(f"{folder.name}-{k}")
+        try:
+            candidate.mkdir(parents=True)  # exclusive: two suffix runs never pick the same name
+            return candidate
+        except FileExistsError:
+            k += 1

@@ -53,7 +53,7 @@ def write_dataset(root: Path, n_train: int = 12, n_test: int = 4, size: int = 32
 
 def small_phantom(factory: pytest.TempPathFactory, name: str, n_train: int, seed: int) -> Path:
     """A phantom dataset of ``n_train`` / 6 films at 32 px for one test module; returns its data folder."""
-    from lungs_utils import phantom
+    from lungs_utils.xrays import phantom
 
     root = factory.mktemp(name)
     phantom.generate(root / "ph", n_train=n_train, n_test=6, size=32, seed=seed, workers=1)
@@ -72,3 +72,14 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
         return {}
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cpu_settings(**kw: object) -> object:
+    """Prediction settings on the CPU (:class:`lungs_utils.engine.predict.PredictSettings`); a lung-mask
+    channel in the items is fed as a channel unless ``masks`` says otherwise."""
+    import torch
+
+    from lungs_utils.engine.predict import PredictSettings
+
+    kw.setdefault("masks", "channel")
+    return PredictSettings(device=torch.device("cpu"), **kw)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lungs_utils import apply, data as D, ensemble, experiment, phantom, polarity
+from lungs_utils.analysis import apply
+from lungs_utils.xrays import data as D
+from lungs_utils.analysis import ensemble
+from lungs_utils.runs import experiment
+from lungs_utils.xrays import phantom
+from lungs_utils.xrays import polarity
 from lungs_utils import params as P
-from lungs_utils.cli import main
-from lungs_utils.errors import LungsError
-from lungs_utils.submission import PROB_COLUMNS
+from lungs_utils.app.cli import main
+from lungs_utils.errors import DataWarning, LungsError
+from lungs_utils.xrays.submission import PROB_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -155,15 +161,15 @@ def test_the_polarity_detector_finds_inverted_films_in_the_data_itself(tmp_path:
     summary = phantom.generate(tmp_path / "ph", n_train=60, n_test=6, size=48, seed=8, workers=1)
     data_dir = Path(summary["data_dir"])
     clean = D.load(data_dir, progress=False)
-    assert clean.polarity is not None and not clean.flipped_train.any() and not clean.flipped_test.any()
+    assert clean.polarity is not None and not clean.inverted_train.any() and not clean.inverted_test.any()
     target = sorted((data_dir / "train_images").glob("img_*.png"))[4]
     Image.fromarray(255 - np.asarray(Image.open(target))).save(target)
     with pytest.warns(UserWarning, match="1 of 60 train and 0 of 6 test film.* look intensity-inverted"):
         again = D.load(data_dir, progress=False)
     row = int(np.flatnonzero(again.train.ids == int(target.stem[4:]))[0])
-    assert again.flipped_train.sum() == 1 and again.flipped_train[row]
+    assert again.inverted_train.sum() == 1 and again.inverted_train[row]
     split = D.make_split(again.labels, 0.2, 0)
-    train, val, _ = D.datasets(again, split)
+    train, val, _ = D.datasets(again, split.part(0))
     ds = train if row in train.indices else val
     i = int(np.flatnonzero(ds.indices == row)[0])
     upright = np.asarray(clean.train.images[row])
@@ -174,8 +180,10 @@ def test_thumbnails_negate_under_inversion_so_the_detector_is_a_sign() -> None:
     rng = np.random.default_rng(0)
     films = rng.integers(0, 256, (5, 40, 40), dtype=np.uint8)
     np.testing.assert_allclose(polarity.thumbnails(255 - films), -polarity.thumbnails(films), atol=1e-6)
-    weights = rng.normal(size=polarity.THUMB ** 2)
-    np.testing.assert_allclose(polarity.margin(weights, 255 - films), -polarity.margin(weights, films), rtol=1e-5)
+    detector = polarity.Polarity(rng.normal(size=polarity.THUMB ** 2))
+    np.testing.assert_allclose(detector.margin(255 - films), -detector.margin(films), rtol=1e-5)
+    turned = 255 - films
+    assert np.array_equal(detector.upright(turned), detector.inverted(255 - films)) and (detector.margin(turned) >= 0).all()
 
 
 def test_a_run_trained_with_masks_needs_the_films_masks(runs: dict) -> None:
@@ -185,3 +193,21 @@ def test_a_run_trained_with_masks_needs_the_films_masks(runs: dict) -> None:
     assert trained.needs_masks
     with pytest.raises(LungsError, match="trained with masks: channel; pass the films' lung masks"):
         apply.predict(trained, films)
+
+
+def test_predict_says_when_the_run_was_trained_on_the_phantom(runs: dict, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A phantom-trained model predicts real films at macro-F1 0.27: lungs predict must say what it is."""
+    films = runs["data"] / "test_images"
+    assert main(["predict", "cv", str(films), "--out", str(tmp_path / "a")]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "SYNTHETIC phantom" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: run cv was trained on the SYNTHETIC phantom dataset")
+    assert apply.open_run("ens").synthetic  # an ensemble of phantom-trained members is too
+    real = tmp_path / "outputs" / "single"  # the same run, as if trained on real films
+    shutil.copytree(runs["outputs"] / "single", real)
+    metrics = json.loads((real / "metrics.json").read_text())
+    (real / "metrics.json").write_text(json.dumps({**metrics, "synthetic_data": False}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # no warning at all for these films and this run
+        result = apply.predict_folder(real, films, out=tmp_path / "b")
+    assert result["trained_on_phantom"] is False

@@ -10,12 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
-from lungs_utils import audit, calibration, experiment, leaderboard, phantom
+from lungs_utils.analysis import audit
+from lungs_utils.stats import calibration
+from lungs_utils.runs import experiment
+from lungs_utils.analysis import leaderboard
+from lungs_utils.xrays import phantom
 from lungs_utils import params as P
-from lungs_utils.cli import main
-from lungs_utils.data import XrayDataset
+from lungs_utils.app.cli import main
+from lungs_utils.xrays.data import XrayDataset
 from lungs_utils.errors import LungsError
-from lungs_utils.submission import PROB_COLUMNS
+from lungs_utils.xrays.submission import PROB_COLUMNS
+
+from conftest import cpu_settings
 
 
 def sample(n: int = 3000, scale: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -135,14 +141,13 @@ def test_occlusion_measures_the_probability_a_cell_carries() -> None:
     images = np.full((4, 32, 32), 100, np.uint8)
     images[:2, 1:3, 1:3] = 255  # a tag on two images
     ds = XrayDataset(images, [1, 2, 3, 4], [2, 2, 0, 0])
-    params = {"image_size": 32, "masks": "none", "histeq": False, "channels_last": False}
     outside = np.ones((4, audit.GRID ** 2), bool)
     outside[:, 5] = False
-    from lungs_utils.predict import predict_proba
+    from lungs_utils.engine.predict import predict_proba
 
     model = CornerReader()
-    _, base = predict_proba(model, ds, image_size=32, masks="none")
-    drops = audit.occlusion(model, ds, outside, base, params, device=torch.device("cpu"))
+    _, base = predict_proba(model, ds, cpu_settings(image_size=32, masks="none"))
+    drops = audit.occlusion(model, ds, outside, base, cpu_settings(image_size=32, masks="none"))
     assert np.isnan(drops[:, 5]).all() and np.isfinite(drops[:, 0]).all()
     assert (drops[:2, 0] > 0.3).all()  # hiding the tag takes COVID-19 probability away
     assert np.abs(drops[2:, 0]).max() < 1e-6 and np.abs(drops[:, 1:5]).max() < 1e-6  # elsewhere: nothing

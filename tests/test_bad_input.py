@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from conftest import snapshot, write_dataset
-from lungs_utils.cli import main
+from lungs_utils.app.cli import main
 from lungs_utils.paths import outputs_dir
 
 TINY = {"run_name": "bad", "image_size": 32, "epochs": 1, "batch_size": 8, "device": "cpu", "tta": False,
@@ -140,7 +140,7 @@ DATA_CASES = {
     "answers without target_feature": (_answers_case("id,label\n1,0\n"),
                                        r"train_answers.csv: missing column\(s\) target_feature"),
     "non-integer id": (_answers_case("id,target_feature\n{a},0\n12.5,1\n"),
-                       r"train_answers.csv: line 3: id '12.5' is not an integer; fix or delete that row"),
+                       r"train_answers.csv: line 3: id '12.5' is not a non-negative integer; fix or delete that row"),
     "duplicate id": (_answers_case("id,target_feature\n{a},0\n{b},1\n{a},2\n"),
                      r"train_answers.csv: line 4: id \d+ is a duplicate of line 2; keep one of them"),
     "label outside {0,1,2}": (_answers_case("id,target_feature\n{a},0\n{b},-1\n"),
@@ -179,7 +179,7 @@ def test_no_data_anywhere(tmp_path: Path, isolated_env: Path, capsys: pytest.Cap
 
 def test_no_disk_space_for_the_cache(tmp_path: Path, isolated_env: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from lungs_utils import cache
+    from lungs_utils.xrays import cache
 
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     params = write_params(tmp_path / "p.yaml", data_dir=str(write_dataset(tmp_path / "data")))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungs_utils import bootstrap as B
-from lungs_utils.metrics import macro_f1
+from lungs_utils.stats import bootstrap as B
+from lungs_utils.stats.metrics import macro_f1
 
 
 def labels(n: int, accuracy: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -61,11 +61,12 @@ def test_paired_difference_is_narrower_than_two_separate_intervals() -> None:
     assert diff.low > 0  # six images, always in a's favour: clear, when paired
     ia, ib = B.f1_interval(y, a, n_boot=800), B.f1_interval(y, b, n_boot=800)
     assert ib.high > ia.low  # unpaired, the two intervals overlap
-    assert "ahead by" in B.verdict(diff)
+    assert diff.verdict == B.AHEAD and diff.gap_text().startswith(f"ahead: {diff.value:+.3f} macro-F1 (95% CI")
     same = B.paired_f1_difference(y, a, a, n_boot=200)
     assert same.value == same.low == same.high == 0.0
-    assert "within the noise" in B.verdict(B.Interval(0.01, -0.02, 0.04, 100))
-    assert "behind by" in B.verdict(B.Interval(-0.05, -0.08, -0.01, 100))
+    assert B.Interval(0.01, -0.02, 0.04, 100).gap_text() == "within noise: +0.010 macro-F1 (95% CI -0.020 to +0.040)"
+    assert B.Interval(-0.05, -0.08, -0.01, 100).verdict == B.BEHIND
+    assert B.Interval(0.0, float("nan"), float("nan"), 0).gap_text() == B.NOT_COMPARABLE
 
 
 def test_mean_interval_ignores_nan_and_empty_input_is_nan() -> None:

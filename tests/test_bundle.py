@@ -24,11 +24,11 @@ import pytest
 
 from conftest import snapshot
 from lungs_utils import COMPETITION
-from lungs_utils import bundle as B
+from lungs_utils.competition import bundle as B
 from lungs_utils import params as params_mod
 from lungs_utils.errors import DataWarning, LungsError
 
-PACKAGE = Path(B.__file__).resolve().parent
+PACKAGE = Path(B.__file__).resolve().parents[1]  # lungs_utils/
 SMOKE = {"notebook": "10_simple_cnn.ipynb", "run_name": "kaggle_smoke", "model": "simple_cnn",
          "image_size": 32, "epochs": 1, "batch_size": 8, "device": "cpu", "tta": False, "seed": 0}
 
@@ -117,7 +117,7 @@ def test_notebook_has_the_baked_parameters_and_the_package(tmp_path: Path) -> No
     blob = re.search(r'_lungs_zip = "([A-Za-z0-9+/=]+)"', boot).group(1)
     with zipfile.ZipFile(io.BytesIO(base64.b64decode(blob))) as zf:
         names = set(zf.namelist())
-        assert zf.read("lungs_utils/bundle.py") == (PACKAGE / "bundle.py").read_bytes()
+        assert zf.read("lungs_utils/competition/bundle.py") == (PACKAGE / "competition" / "bundle.py").read_bytes()
     expected_names = {f"lungs_utils/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")
                       if "__pycache__" not in p.parts}
     assert names == expected_names
@@ -322,9 +322,9 @@ def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path, gpus: i
     """gpus=2: the notebook for Kaggle's "GPU T4 x2", whose training cell runs torchrun with two
     processes; here on a CPU, with gloo, at tiny size. cv=2: every fold trained in the one kernel (under
     torchrun), each fold's time and the time left printed as it goes."""
-    from lungs_utils import phantom
-    from lungs_utils.data import list_images
-    from lungs_utils.predict import validate_submission
+    from lungs_utils.xrays import phantom
+    from lungs_utils.xrays.data import list_images
+    from lungs_utils.xrays.submission import validate_submission
 
     # The competition data at a fake Kaggle mount, in the layout Kaggle uses today.
     kaggle_input = tmp_path / "kaggle_input"

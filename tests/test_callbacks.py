@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lungs_utils import callbacks as C
-from lungs_utils import train as T
+from lungs_utils.engine import callbacks as C
+from lungs_utils.engine import loop as T
+from lungs_utils.engine import state as St
 
 from test_train import quick, tiny_net, toy_sets
 
@@ -22,16 +23,16 @@ class Recorder(C.Callback):
         self.calls: list[tuple[str, int, bool]] = []
         self.stop_at = stop_at
 
-    def on_fit_start(self, s: T.FitState) -> None:
+    def on_fit_start(self, s: St.FitState) -> None:
         self.calls.append(("start", s.epoch, s.improved))
 
-    def on_epoch_end(self, s: T.FitState) -> None:
+    def on_epoch_end(self, s: St.FitState) -> None:
         assert s.history[-1]["epoch"] == s.epoch and s.val_metrics["macro_f1"] == s.history[-1]["val_macro_f1"]
         self.calls.append(("epoch", s.epoch, s.improved))
         if s.epoch == self.stop_at:
             s.stop = "recorder"
 
-    def on_fit_end(self, s: T.FitState) -> None:
+    def on_fit_end(self, s: St.FitState) -> None:
         self.calls.append(("end", s.epoch, s.improved))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lungs_utils.cli import main
+from lungs_utils.app.cli import main
 
 
 def lungs(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -71,12 +71,12 @@ def test_score_compares_submissions_paired_on_the_same_images(tmp_path: Path,
     assert main(["score", *files, "--answers", str(tmp_path / "truth.csv")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 5 and all("(95% CI" in line for line in out[:3]) and out[0].endswith("good.csv")
-    assert "worse.csv vs" in out[3] and "behind by" in out[3] and "paired over the same 300 images" in out[3]
-    assert "same.csv vs" in out[4] and "within the noise: +0.000" in out[4]
+    assert "worse.csv vs" in out[3] and "behind: -" in out[3] and "paired over the same 300 images" in out[3]
+    assert "same.csv vs" in out[4] and "within noise: +0.000" in out[4]
     # The same file twice: the second is compared with the first, not taken for it.
     assert main(["score", files[0], files[0], "--answers", str(tmp_path / "truth.csv")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 3 and "good.csv vs" in out[2] and "within the noise: +0.000" in out[2]
+    assert len(out) == 3 and "good.csv vs" in out[2] and "within noise: +0.000" in out[2]
 
 
 def test_submit_without_credentials_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,7 +86,7 @@ def test_submit_without_credentials_is_one_line(tmp_path: Path, capsys: pytest.C
     assert err.splitlines()[-1].startswith("error: ") and "no Kaggle credentials" in err
 
 
-PROBE = ("import sys\nfrom lungs_utils.cli import main\n"
+PROBE = ("import sys\nfrom lungs_utils.app.cli import main\n"
          "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
          "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
 
@@ -108,6 +108,7 @@ def test_commands_that_neither_train_nor_predict_do_not_import_torch(tmp_path: P
 
 
 def test_bundle_reads_the_same_model_names_as_the_registry() -> None:
-    from lungs_utils import bundle, models
+    from lungs_utils import models
+    from lungs_utils.competition import bundle
 
     assert bundle.model_names() == models.names()

@@ -23,8 +23,9 @@ import pytest
 import torch
 import yaml
 
-from lungs_utils import phantom
-from lungs_utils import train as T
+from lungs_utils.xrays import phantom
+from lungs_utils.engine import loop as T
+from lungs_utils.engine import checkpoint as Ck
 from lungs_utils.paths import outputs_dir
 
 EPOCHS = 5
@@ -79,7 +80,7 @@ def _kill_after_first_checkpoint(params_file: Path, run_dir: Path, *overrides: s
             proc.wait()
         proc.stderr.close()
     # The kill landed mid-run: epoch 1 is on disk, epoch 2 never finished.
-    state = T.load_checkpoint(last)
+    state = Ck.load_checkpoint(last)
     assert state["epoch"] == 1 and last.stat().st_mtime == first_seen
     assert len(pd.read_csv(run_dir / "history.csv")) == 1
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "submission.csv").exists()
@@ -122,8 +123,8 @@ def test_run_killed_mid_epoch_resumes_to_the_same_result(tmp_path: Path) -> None
     # Predictions, submission and final weights: identical.
     for name in SAME_BYTES:
         assert (crashed_dir / name).read_bytes() == (straight_dir / name).read_bytes(), name
-    wa = T.load_checkpoint(straight_dir / "checkpoints" / "last.pt")["model"]
-    wb = T.load_checkpoint(crashed_dir / "checkpoints" / "last.pt")["model"]
+    wa = Ck.load_checkpoint(straight_dir / "checkpoints" / "last.pt")["model"]
+    wb = Ck.load_checkpoint(crashed_dir / "checkpoints" / "last.pt")["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -133,7 +134,7 @@ def test_resume_is_exact_with_loader_workers(tmp_path: Path) -> None:
     from torch import nn
 
     from lungs_utils import params as P
-    from lungs_utils.data import XrayDataset
+    from lungs_utils.xrays.data import XrayDataset
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 90, (48, 24, 24), dtype=np.uint8)

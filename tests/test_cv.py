@@ -13,12 +13,15 @@ import pytest
 
 from conftest import small_phantom
 
-from lungs_utils import calibration, ensemble, experiment, leaderboard
+from lungs_utils.stats import calibration
+from lungs_utils.analysis import ensemble
+from lungs_utils.runs import experiment
+from lungs_utils.analysis import leaderboard
 from lungs_utils import params as P
-from lungs_utils.cli import main
+from lungs_utils.app.cli import main
 from lungs_utils.errors import LungsError
-from lungs_utils.metrics import macro_f1
-from lungs_utils.submission import OOF_COLUMNS, PROB_COLUMNS, VAL_COLUMNS
+from lungs_utils.stats.metrics import macro_f1
+from lungs_utils.xrays.submission import OOF_COLUMNS, PROB_COLUMNS, VAL_COLUMNS
 
 TIMING = ["train_seconds", "val_seconds", "images_per_s"]
 
@@ -103,9 +106,18 @@ def test_a_cv_run_killed_inside_a_fold_resumes_in_that_fold_to_the_same_result(c
         assert (resumed_dir / name).read_bytes() == (straight.run_dir / name).read_bytes(), name
 
 
-def test_cv_and_folds_cannot_both_be_set(cv_data: Path) -> None:
-    with pytest.raises(LungsError, match="cv: 3 trains every fold.*set folds: null"):
-        experiment.prepare(quick(cv_data, folds=3, fold=1), progress=False)
+def test_the_old_fold_keys_say_what_to_write_instead(cv_data: Path) -> None:
+    with pytest.raises(LungsError, match=r"-p folds: 'folds' is now 'cv' .*write cv: 3"):
+        P.parse_overrides(["folds=3"])
+    with pytest.raises(LungsError, match=r"'fold' is gone: cv: k trains every fold in one run; .*cv: null"):
+        P.load(overrides={"fold": 1})
+    with pytest.raises(LungsError, match=r"parameters cell: 'folds' is now 'cv'.*write cv: 2"):
+        P.from_namespace({"folds": 2, "run_name": "x"})
+    # A run folder written before the rename still opens: a segmentation run's folds are its cv.
+    old = cv_data.parent / "old_run"
+    old.mkdir()
+    (old / "params.yaml").write_text("notebook: 05_lung_segmentation.ipynb\nfolds: 3\nfold: 0\nmodel: unet_small\n")
+    assert P.load_run(old / "params.yaml")["cv"] == 3
 
 
 @pytest.mark.slow

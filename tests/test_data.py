@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from conftest import snapshot, write_dataset
-from lungs_utils import data as D
+from lungs_utils.xrays import data as D
 from lungs_utils import paths
 from lungs_utils.errors import DataWarning, LungsError
 
@@ -101,7 +101,7 @@ BAD_ANSWERS = {
     "header_only": ("id,target_feature\n", "has a header but no rows"),
     "no_id": ("image,target_feature\n1,0\n", "missing column.*id"),
     "no_target": ("id,label\n1,0\n", "missing column.*target_feature"),
-    "non_integer_id": ("id,target_feature\n{a},0\nabc,1\n", r"line 3: id 'abc' is not an integer"),
+    "non_integer_id": ("id,target_feature\n{a},0\nabc,1\n", r"line 3: id 'abc' is not a non-negative integer"),
     "duplicate_id": ("id,target_feature\n{a},0\n{a},1\n", r"line 3: id \d+ is a duplicate of line 2"),
     "label_outside": ("id,target_feature\n{a},0\n{b},3\n", r"line 3: label '3' is outside"),
     "label_text": ("id,target_feature\n{a},covid\n", r"line 2: label 'covid' is not 0, 1 or 2"),
@@ -254,7 +254,7 @@ def test_cache_is_invalidated_when_the_file_list_changes(tiny_data: Path) -> Non
 
 
 def test_no_disk_space_for_the_cache(tiny_data: Path, isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lungs_utils import cache
+    from lungs_utils.xrays import cache
 
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.raises(LungsError, match="not enough disk space.*LUNGS_CACHE_DIR"):
@@ -282,9 +282,9 @@ def _labels(n: int = 300, seed: int = 0) -> pd.DataFrame:
 
 def test_split_is_stratified_and_deterministic() -> None:
     labels = _labels()
-    a = D.make_split(labels, 0.2, seed=1)
-    b = D.make_split(labels, 0.2, seed=1)
-    c = D.make_split(labels, 0.2, seed=2)
+    a = D.make_split(labels, 0.2, seed=1).table
+    b = D.make_split(labels, 0.2, seed=1).table
+    c = D.make_split(labels, 0.2, seed=2).table
     pd.testing.assert_frame_equal(a, b)
     assert not a["split"].equals(c["split"])
     val = a[a["split"] == "val"]
@@ -297,32 +297,37 @@ def test_split_is_stratified_and_deterministic() -> None:
 
 def test_kfold_assignment_covers_every_id_once() -> None:
     labels = _labels()
-    folds = D.make_split(labels, seed=0, folds=5, fold=2)
-    assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
-    assert (folds.loc[folds["split"] == "val", "fold"] == 2).all()
+    split = D.make_split(labels, seed=0, cv=5)
+    folds = split.table
+    assert split.k == 5 and split.parts == 5 and sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
+    part = split.part(2)
+    assert (folds.loc[part["split"] == "val", "fold"] == 2).all() and (folds.loc[part["split"] == "train", "fold"] != 2).all()
+    np.testing.assert_array_equal(split.fold_of(folds["id"].to_numpy()[::-1]), folds["fold"].to_numpy()[::-1])
     sizes = folds["fold"].value_counts()
     assert sizes.max() - sizes.min() <= 1
     per_class = folds.groupby(["fold", "target_feature"]).size().unstack()
     assert (per_class.max() - per_class.min()).max() <= 1
-    with pytest.raises(LungsError, match="'fold' must be in 0..4"):
-        D.make_split(labels, folds=5, fold=5)
+    with pytest.raises(IndexError, match="part 5 of a 5-fold split"):
+        split.part(5)
+    with pytest.raises(LungsError, match="cv: 5 needs at least 5 images of every class"):
+        D.make_split(labels.iloc[:12], cv=5)
 
 
 def test_limit_keeps_a_stratified_subset() -> None:
     labels = _labels()
-    small = D.make_split(labels, 0.25, seed=0, limit=40)
+    small = D.make_split(labels, 0.25, seed=0, limit=40).table
     assert len(small) == 40 and (small["split"] == "val").sum() == 10
     assert small["target_feature"].nunique() == 3
 
 
 def test_split_is_saved_and_reused(tiny_data: Path) -> None:
     data = D.load(tiny_data, progress=False)
-    split = D.split_for(data, 0.25, seed=3)
+    split = D.split_for(data, 0.25, seed=3).table
     saved = list((data.cache_dir / "splits").glob("*.csv"))
     assert len(saved) == 1
     pd.testing.assert_frame_equal(pd.read_csv(saved[0]), split)
     stamp = saved[0].stat().st_mtime_ns
-    again = D.split_for(data, 0.25, seed=3)
+    again = D.split_for(data, 0.25, seed=3).table
     pd.testing.assert_frame_equal(again, split)
     assert saved[0].stat().st_mtime_ns == stamp
 
@@ -331,7 +336,7 @@ def test_split_is_saved_and_reused(tiny_data: Path) -> None:
 def test_dataset_items_and_batches(tiny_data: Path) -> None:
     data = D.load(tiny_data, progress=False)
     split = D.split_for(data, 0.25, seed=0)
-    train, val, test = D.datasets(data, split)
+    train, val, test = D.datasets(data, split.part(0))
     assert len(train) + len(val) == 12 and len(test) == 4
     x, y, i = train[0]
     assert x.dtype == torch.uint8 and x.shape == (1, 32, 32) and y in (0, 1, 2)
@@ -352,7 +357,7 @@ def test_dataset_items_and_batches(tiny_data: Path) -> None:
 def test_dataset_with_masks_has_two_channels(tiny_data: Path) -> None:
     data = D.load(tiny_data, progress=False)
     split = D.split_for(data)
-    train, _, _ = D.datasets(data, split, use_masks=True)
+    train, _, _ = D.datasets(data, split.part(0), use_masks=True)
     x, _, _ = train[0]
     assert x.shape == (2, 32, 32) and set(x[1].unique().tolist()) <= {0, 255}
 
@@ -362,7 +367,7 @@ def test_masks_requested_but_absent(tmp_path: Path) -> None:
     data = D.load(folder, progress=False)
     assert data.masks is None
     with pytest.raises(LungsError, match="train_lung_masks is missing"):
-        D.datasets(data, D.split_for(data), use_masks=True)
+        D.datasets(data, D.split_for(data).part(0), use_masks=True)
 
 
 def test_per_item_transform_is_applied(tiny_data: Path) -> None:
@@ -387,7 +392,8 @@ def test_temp_of_a_build_killed_with_sigkill_is_removed_by_the_next_build(tiny_d
     # A child process builds the cache and blocks while decoding one image; kill -9 leaves its temp.
     script = textwrap.dedent(f"""
         import pathlib, time
-        from lungs_utils import cache, data
+        from lungs_utils.xrays import cache
+        from lungs_utils.xrays import data
         real = cache.decode
         def slow(path, *args, **kwargs):
             if pathlib.Path(path).name == {victim.name!r}:
@@ -420,7 +426,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_temps_are_removed_but_a_live_writers_temp_is_kept(tiny_data: Path) -> None:
-    from lungs_utils import cache
+    from lungs_utils.xrays import cache
 
     first = D.load(tiny_data, progress=False)
     target, folder = first.train.path, first.train.path.parent

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungs_utils import decision as D
-from lungs_utils.metrics import classification_metrics
+from lungs_utils.stats import decision as D
+from lungs_utils.stats.metrics import classification_metrics
 
 
 def _probs(n: int, bias: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +64,9 @@ def test_a_run_with_tune_decision_submits_the_shifted_labels(tiny_data, tmp_path
 
     import pandas as pd
 
-    from lungs_utils import experiment as E
+    from lungs_utils.runs import experiment as E
     from lungs_utils import params as P
-    from lungs_utils.report import decision_summary
+    from lungs_utils.analysis.report import decision_summary
 
     p = P.load(overrides=dict(epochs=1, image_size=32, batch_size=4, device="cpu", data_dir=str(tiny_data),
                               output_dir=str(tmp_path / "run"), tune_decision=True, val_fraction=0.5))

@@ -12,10 +12,12 @@ import pytest
 import torch
 import yaml
 
-from lungs_utils import data as D
-from lungs_utils import models, phantom
+from lungs_utils.xrays import data as D
+from lungs_utils import models
+from lungs_utils.xrays import phantom
 from lungs_utils import params as P
-from lungs_utils import train as T
+from lungs_utils.engine import loop as T
+from lungs_utils.engine import checkpoint as Ck
 
 
 @pytest.mark.slow
@@ -37,13 +39,13 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
         assert (run_dir / name).exists(), name
 
     # The best checkpoint's metrics were summed across the two ranks (each saw half the val set).
-    state = T.load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    state = Ck.load_checkpoint(run_dir / "checkpoints" / "best.pt")
     params = P.load(params_file)
     data = D.load(params["data_dir"], progress=False)
-    split = D.split_for(data, params["val_fraction"], params["seed"])
+    split = D.split_for(data, params["val_fraction"], params["seed"]).part(0)
     _, val, _ = D.datasets(data, split)
     model = models.build("simple_cnn")
-    T.load_weights(model, state)
+    Ck.load_weights(model, state)
     _, single = T.evaluate(model, val, params, torch.device("cpu"))
     assert single["confusion_matrix"] == state["val_metrics"]["confusion_matrix"]
     assert single["macro_f1"] == pytest.approx(state["val_metrics"]["macro_f1"])
@@ -81,7 +83,7 @@ def test_every_model_trains_under_two_process_ddp(model: str, ddp_data: Path, tm
 def test_segmentation_trains_under_two_process_ddp(ddp_data: Path, tmp_path: Path) -> None:
     spec = {"notebook": "05_lung_segmentation.ipynb", "run_name": "ddp_seg", "data_dir": str(ddp_data),
             "output_dir": str(tmp_path / "seg"), "model": "unet_small", "image_size": 32, "epochs": 1,
-            "batch_size": 4, "seed": 0, "device": "cpu", "folds": 2}
+            "batch_size": 4, "seed": 0, "device": "cpu", "cv": 2}
     out = _torchrun(spec, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("out-of-fold Dice") == 1  # rank 0 reports and writes

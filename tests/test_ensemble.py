@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lungs_utils import ensemble as E
+from lungs_utils.analysis import ensemble as E
 from lungs_utils.errors import LungsError
-from lungs_utils.predict import validate_submission
+from lungs_utils.xrays.submission import validate_submission
 
 VAL_IDS = np.arange(30) * 2 + 1
 TEST_IDS = np.arange(12) * 2 + 100
@@ -195,7 +195,7 @@ def test_write_ensemble_writes_a_run_folder(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- honest check
 def test_crossfit_says_when_weak_members_only_dilute_the_best_one(tmp_path: Path) -> None:
-    from lungs_utils.report import ensemble_verdict
+    from lungs_utils.analysis.report import ensemble_verdict
 
     y = np.arange(300) % 3
     ids = np.arange(300) * 2 + 1
@@ -209,7 +209,7 @@ def test_crossfit_says_when_weak_members_only_dilute_the_best_one(tmp_path: Path
 
 
 def test_crossfit_credits_members_whose_mistakes_differ(tmp_path: Path) -> None:
-    from lungs_utils.report import ensemble_verdict
+    from lungs_utils.analysis.report import ensemble_verdict
 
     y = np.arange(600) % 3
     ids = np.arange(600) * 2 + 1

@@ -15,9 +15,9 @@ import yaml
 
 from conftest import small_phantom
 
-from lungs_utils import estimate
+from lungs_utils.engine import estimate
 from lungs_utils import params as P
-from lungs_utils.cli import main
+from lungs_utils.app.cli import main
 from lungs_utils.paths import outputs_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_every_run_says_its_estimate_first_and_a_resume_counts_what_is_done(ph: 
 
 def test_lungs_run_measures_once_and_the_notebook_shows_the_same_line(ph: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from lungs_utils import runner
+    from lungs_utils.runs import runner
 
     calls = []
     monkeypatch.setattr(runner, "estimate_line", lambda values, progress=False: calls.append(values) or "estimate: about 7 s here")

@@ -14,7 +14,8 @@ import nbformat
 import pytest
 import yaml
 
-from lungs_utils import hardware, runner
+from lungs_utils import hardware
+from lungs_utils.runs import provenance, runner
 from lungs_utils.hardware import cpu_kind, describe_cpu, parse_cpuinfo
 from lungs_utils.paths import outputs_dir
 
@@ -150,7 +151,7 @@ def test_importing_hardware_does_not_import_torch() -> None:
 
 # ------------------------------------------------------------------------------------------------ records
 def test_cpu_device_description_names_the_cpu_kind() -> None:
-    assert runner.device_description("cpu") == f"cpu ({describe_cpu()})"
+    assert provenance.device_description("cpu") == f"cpu ({describe_cpu()})"
 
 
 def test_run_json_records_the_cpu(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

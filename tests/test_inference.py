@@ -1,4 +1,4 @@
-"""The one inference loop (lungs_utils.inference.infer) and its three thin callers: validation in training,
+"""The one inference loop (lungs_utils.engine.inference.infer) and its three thin callers: validation in training,
 class probabilities and lung-mask probabilities give the numbers a plain, hand-written loop gives."""
 
 from __future__ import annotations
@@ -9,12 +9,16 @@ import torch
 from torch import nn
 
 from lungs_utils import params as P
-from lungs_utils import predict, presets
-from lungs_utils.inference import IDENTITY, infer
-from lungs_utils.metrics import macro_f1
-from lungs_utils.segmentation import SEGMENTATION, build_model, predict_masks
-from lungs_utils.train import evaluate
+from lungs_utils.engine import predict
+from lungs_utils.xrays import presets
+from lungs_utils.engine.inference import IDENTITY, infer
+from lungs_utils.stats.metrics import macro_f1
+from lungs_utils.engine.predict import mask_probabilities
+from lungs_utils.engine.tasks import SEGMENTATION
+from lungs_utils.models import segmenter
+from lungs_utils.engine.loop import evaluate
 
+from conftest import cpu_settings
 from test_predict import tiny_dataset, tiny_model
 
 CPU = torch.device("cpu")
@@ -47,7 +51,7 @@ def test_predict_proba_equals_a_plain_loop_with_and_without_tta() -> None:
     for tta in (False, True):
         views = predict.TTA_VIEWS if tta else (predict.view_identity,)
         ref, _, ref_ids = plain_outputs(model, ds, prepare, views, (None,) * len(views), softmax)
-        ids, probs = predict.predict_proba(model, ds, image_size=24, batch_size=4, tta=tta, masks="channel")
+        ids, probs = predict.predict_proba(model, ds, cpu_settings(image_size=24, batch_size=4, tta=tta, masks="channel"))
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(probs, ref, atol=1e-6)
 
@@ -62,18 +66,18 @@ def test_evaluate_equals_a_plain_loop_and_agrees_with_predict_proba() -> None:
     ref_loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     assert loss == pytest.approx(ref_loss, abs=1e-6)
     assert metrics["macro_f1"] == pytest.approx(macro_f1(labels, logits.argmax(1)))
-    _, probs = predict.predict_proba(model, ds, image_size=24, batch_size=5, masks="none", channels_last=True)
+    _, probs = predict.predict_proba(model, ds, cpu_settings(image_size=24, batch_size=5, masks="none", channels_last=True))
     assert metrics["macro_f1"] == pytest.approx(macro_f1(labels, probs.argmax(1)))
 
 
-def test_predict_masks_and_mask_validation_equal_a_plain_loop() -> None:
-    ds, model = tiny_dataset(n=6, size=32, masks=True), build_model("unet_small")
+def test_mask_probabilities_and_mask_validation_equal_a_plain_loop() -> None:
+    ds, model = tiny_dataset(n=6, size=32, masks=True), segmenter("unet_small")
     prepare = lambda x, y: (presets.to_input(x[:, :1], 32), y)  # noqa: E731
     flip = lambda z: z.flip(-1)  # noqa: E731
     for tta in (False, True):
         views, backs = ((lambda x: x, flip), (None, flip)) if tta else ((lambda x: x,), (None,))
         ref, _, ref_ids = plain_outputs(model, ds, prepare, views, backs, torch.sigmoid)
-        ids, probs = predict_masks(model, ds, image_size=32, batch_size=4, tta=tta)
+        ids, probs = mask_probabilities(model, ds, cpu_settings(image_size=32, batch_size=4, tta=tta))
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(probs.astype(np.float32), ref[:, 0], atol=1e-3)  # float16 output
     params = P.resolve({"image_size": 32, "batch_size": 4, "precision": "fp32", "num_workers": 0})
@@ -101,16 +105,17 @@ def test_infer_restores_each_modules_mode_and_yields_float_outputs_in_dataset_or
 
 
 def test_inference_has_one_home() -> None:
-    """No module but lungs_utils.inference switches a model to eval mode for inference or opens
-    inference_mode (Grad-CAM needs gradients and stays apart)."""
+    """No module but lungs_utils.engine.inference switches a model to eval mode for inference or opens
+    inference_mode (Grad-CAM needs gradients and stays apart; the model registry runs one forward pass to
+    count FLOPs, below the engine)."""
     from pathlib import Path
 
     import lungs_utils
 
     package = Path(lungs_utils.__file__).parent
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
-        if path.name in ("inference.py", "gradcam.py"):
+        if path.name in ("inference.py", "gradcam.py", "registry.py"):
             continue
         assert "inference_mode" not in text, path.name
         assert "model.eval()" not in text, path.name

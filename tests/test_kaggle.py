@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import snapshot, write_dataset
-from lungs_utils import kaggle as K
+from lungs_utils.competition import kaggle as K
 from lungs_utils.errors import LungsError
 
 
@@ -116,7 +116,7 @@ def test_rejected_credentials(isolated_env: Path, monkeypatch) -> None:
 # submit
 # --------------------------------------------------------------------------------------------------
 from lungs_utils import COMPETITION  # noqa: E402
-from lungs_utils.data import list_images  # noqa: E402
+from lungs_utils.xrays.data import list_images  # noqa: E402
 from lungs_utils.errors import DataWarning  # noqa: E402
 
 
@@ -156,7 +156,7 @@ def _submission(path: Path, ids, labels=None) -> Path:
     ("header", r"missing column\(s\) target_feature"),
     ("missing_id", r"has no row"),
     ("extra_id", r"is not a test image id"),
-    ("label", r"line 2: label 7 is outside"),
+    ("label", r"line 2: label '7' is outside"),
     ("unsorted", r"sort the rows by id"),
     ("empty_message", r"needs a message"),
     ("absent", r"does not exist"),

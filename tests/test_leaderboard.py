@@ -1,4 +1,4 @@
-"""Leaderboard (lungs_utils.leaderboard) and HTML report (lungs_utils.report) on hand-made run folders."""
+"""Leaderboard (lungs_utils.analysis.leaderboard) and HTML report (lungs_utils.analysis.report) on hand-made run folders."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from lungs_utils import LungsError, leaderboard, report
-from lungs_utils.cli import main
+from lungs_utils import LungsError
+from lungs_utils.analysis import leaderboard
+from lungs_utils.analysis import report
+from lungs_utils.app.cli import main
 from lungs_utils.paths import outputs_dir
 
 
@@ -154,7 +156,7 @@ def test_ensemble_cli_writes_a_run_folder(runs: Path, tmp_path: Path, capsys: py
 def test_ensemble_tables_for_the_notebook(runs: Path) -> None:
     import warnings
 
-    from lungs_utils.ensemble import ensemble_runs
+    from lungs_utils.analysis.ensemble import ensemble_runs
 
     result = ensemble_runs([runs / "a_cnn", runs / "b_resnet"], method="mean")
     table = report.ensemble_table(result)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from lungs_utils import metrics as M
+from lungs_utils.stats import metrics as M
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -74,8 +74,9 @@ def test_one_macro_f1_for_every_path_when_a_class_is_missing(tmp_path) -> None:
     decisions and `lungs score` all give the same value."""
     import pandas as pd
 
-    from lungs_utils import decision, ensemble
-    from lungs_utils.submission import score_submission
+    from lungs_utils.stats import decision
+    from lungs_utils.analysis import ensemble
+    from lungs_utils.stats.scoring import score_submission
 
     y, p = np.array([0, 0, 0, 1, 1]), np.array([0, 0, 1, 1, 1])
     expected = M.from_confusion(M.classification_metrics(y, p)["confusion_matrix"])["macro_f1"]

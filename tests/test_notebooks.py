@@ -349,7 +349,7 @@ def test_the_explore_notebook_explains_a_film_with_a_cross_validation_run(suite:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:using the SYNTHETIC phantom dataset")  # in-process: the user's one notice
 def test_resume_continues_training_from_last_checkpoint(suite: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lungs_utils import runner
+    from lungs_utils.runs import runner
 
     for key, value in suite["env"].items():
         monkeypatch.setenv(key, value)
@@ -389,7 +389,7 @@ def test_mask_mode_comparison_folder_is_the_cpu_recipes_with_each_mode() -> None
     folder = sorted((ROOT / "params" / "masks").glob("*.yaml"))
     runs = [params_mod.load(p) for p in folder]
     seg, classifiers = runs[0], runs[1:]
-    assert seg["notebook"] == "05_lung_segmentation.ipynb" and seg["folds"]
+    assert seg["notebook"] == "05_lung_segmentation.ipynb" and seg["cv"]
     own = ("run_name", "masks", "mask_run")
     base = params_mod.load(ROOT / "params" / "05_lung_segmentation.yaml")
     assert {k: v for k, v in seg.items() if k not in own} == {k: v for k, v in base.items() if k not in own}

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lungs_utils import phantom
+from lungs_utils.xrays import phantom
 from lungs_utils.errors import LungsError
 
 SIZE = 64
@@ -227,7 +227,7 @@ def test_global_brightness_does_not_give_the_class_away():
 
 
 def test_phantom_data_is_reported_as_synthetic(tmp_path) -> None:
-    from lungs_utils import data
+    from lungs_utils.xrays import data
 
     phantom.generate(tmp_path / "ph", n_train=6, n_test=2, size=32, seed=0)
     assert (tmp_path / "ph" / "PHANTOM.md").is_file()

@@ -1,4 +1,4 @@
-"""Pictures (lungs_utils.plots) and Grad-CAM (lungs_utils.gradcam): every function draws, saves and
+"""Pictures (lungs_utils.stats.plots) and Grad-CAM (lungs_utils.analysis.gradcam): every function draws, saves and
 handles the awkward cases (one epoch, no mistakes, a class missing); Grad-CAM works for every model."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from lungs_utils import CLASS_NAMES, LungsError, gradcam, models, plots
-from lungs_utils.metrics import classification_metrics
+from lungs_utils import CLASS_NAMES, LungsError, models
+from lungs_utils.analysis import gradcam
+from lungs_utils.stats import plots
+from lungs_utils.stats.metrics import classification_metrics
 
 from conftest import write_dataset
 
@@ -139,12 +141,12 @@ def test_gradcam_layer_override_and_errors() -> None:
 
 
 def test_gradcam_examples_one_row_per_class(tmp_path: Path) -> None:
-    from lungs_utils import data as data_mod
+    from lungs_utils.xrays import data as data_mod
 
     write_dataset(tmp_path / "d", n_train=15, n_test=2, size=32)
     dataset = data_mod.load(tmp_path / "d", cache_dir=tmp_path / "cache", progress=False)
     split = data_mod.make_split(dataset.labels, 0.5, seed=0)
-    _, val, _ = data_mod.datasets(dataset, split)
+    _, val, _ = data_mod.datasets(dataset, split.part(0))
     params = {"image_size": 32, "seed": 0, "model": "resnet_tiny"}
     fig = gradcam.examples(models.build("resnet_tiny"), val, params, per_class=2)
     panels = [ax for ax in fig.axes if ax.images]

@@ -10,9 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from lungs_utils import predict as P
-from lungs_utils.data import XrayDataset
+from lungs_utils.engine import predict as P
+from lungs_utils.xrays import submission as T
+from lungs_utils.xrays.data import XrayDataset
 from lungs_utils.errors import LungsError
+
+from conftest import cpu_settings
 
 
 def tiny_model(channels: int = 1, seed: int = 0) -> nn.Module:
@@ -43,7 +46,7 @@ def tiny_dataset(n: int = 10, size: int = 32, masks: bool = False, seed: int = 0
 # ------------------------------------------------------------------------------------------- predict_proba
 def test_predict_proba_ids_in_order_and_rows_sum_to_one() -> None:
     ds = tiny_dataset()
-    ids, probs = P.predict_proba(tiny_model(), ds, image_size=32, batch_size=4)
+    ids, probs = P.predict_proba(tiny_model(), ds, cpu_settings(image_size=32, batch_size=4))
     assert ids.dtype == np.int64 and probs.dtype == np.float32
     np.testing.assert_array_equal(ids, ds.ids)
     assert probs.shape == (10, 3)
@@ -52,21 +55,21 @@ def test_predict_proba_ids_in_order_and_rows_sum_to_one() -> None:
 
 def test_predict_proba_resizes_to_image_size_and_handles_masks() -> None:
     ds = tiny_dataset(masks=True)
-    ids, probs = P.predict_proba(tiny_model(channels=2), ds, image_size=24, tta=True)
+    ids, probs = P.predict_proba(tiny_model(channels=2), ds, cpu_settings(image_size=24, tta=True))
     assert probs.shape == (10, 3) and np.isfinite(probs).all()
 
 
 def test_batch_size_does_not_change_results() -> None:
     model, ds = tiny_model(), tiny_dataset()
-    _, a = P.predict_proba(model, ds, image_size=32, batch_size=3)
-    _, b = P.predict_proba(model, ds, image_size=32, batch_size=10)
+    _, a = P.predict_proba(model, ds, cpu_settings(image_size=32, batch_size=3))
+    _, b = P.predict_proba(model, ds, cpu_settings(image_size=32, batch_size=10))
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_tta_is_different_but_close() -> None:
     model, ds = tiny_model(), tiny_dataset()
-    ids0, plain = P.predict_proba(model, ds, image_size=32)
-    ids1, tta = P.predict_proba(model, ds, image_size=32, tta=True)
+    ids0, plain = P.predict_proba(model, ds, cpu_settings(image_size=32))
+    ids1, tta = P.predict_proba(model, ds, cpu_settings(image_size=32, tta=True))
     np.testing.assert_array_equal(ids0, ids1)
     assert tta.shape == plain.shape
     assert not np.allclose(tta, plain, atol=1e-7)
@@ -78,24 +81,23 @@ def test_mode_is_restored() -> None:
     model, ds = tiny_model(), tiny_dataset(n=3)
     model.train()
     model[0].eval()  # a deliberately frozen submodule keeps its own mode
-    P.predict_proba(model, ds, image_size=32)
+    P.predict_proba(model, ds, cpu_settings(image_size=32))
     assert model.training and not model[0].training and model[2].training
     model.eval()
-    P.predict_proba(model, ds, image_size=32)
+    P.predict_proba(model, ds, cpu_settings(image_size=32))
     assert not model.training
 
 
 def test_channels_last_and_bf16_autocast_run() -> None:
     model, ds = tiny_model(), tiny_dataset(n=4)
-    _, ref = P.predict_proba(model, ds, image_size=32)
-    _, cl = P.predict_proba(model.to(memory_format=torch.channels_last), ds, image_size=32,
-                            channels_last=True, autocast_dtype=torch.bfloat16, progress=True)
+    _, ref = P.predict_proba(model, ds, cpu_settings(image_size=32))
+    _, cl = P.predict_proba(model.to(memory_format=torch.channels_last), ds, cpu_settings(image_size=32, channels_last=True, dtype=torch.bfloat16), progress=True)
     assert cl.dtype == np.float32
     np.testing.assert_allclose(cl, ref, atol=0.05)
 
 
 def test_empty_dataset() -> None:
-    ids, probs = P.predict_proba(tiny_model(), tiny_dataset(n=0), image_size=32)
+    ids, probs = P.predict_proba(tiny_model(), tiny_dataset(n=0), cpu_settings(image_size=32))
     assert ids.shape == (0,) and probs.shape == (0, 3)
 
 
@@ -141,11 +143,11 @@ def test_tta_leaves_out_the_mirrored_view_for_a_model_trained_without_flips() ->
     ds = tiny_dataset()
     model = LeftSided()
     kw = dict(image_size=32, tta=True)
-    _, with_flip = P.predict_proba(model, ds, **kw)
-    _, without = P.predict_proba(model, ds, flip=False, **kw)
+    _, with_flip = P.predict_proba(model, ds, cpu_settings(**kw))
+    _, without = P.predict_proba(model, ds, cpu_settings(mirror=False, **kw))
     with torch.inference_mode():  # the three unmirrored views, averaged by hand
         x = torch.stack([ds[i][0] for i in range(len(ds))])
-        from lungs_utils.presets import to_input
+        from lungs_utils.xrays.presets import to_input
         x = to_input(x, 32)
         views = (P.view_identity, P.view_zoom_in, P.view_zoom_out)
         expected = sum(torch.softmax(model(v(x)), dim=1) for v in views) / 3
@@ -157,27 +159,27 @@ def test_tta_leaves_out_the_mirrored_view_for_a_model_trained_without_flips() ->
 def test_frames_have_contract_columns_sorted_by_id() -> None:
     ids = np.array([5, 1, 3])
     probs = np.array([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1], [0.2, 0.5, 0.3]])
-    val = P.val_frame(ids, [2, 0, 0], probs)
+    val = T.val_frame(ids, [2, 0, 0], probs)
     assert list(val.columns) == ["id", "true", "predicted", "p0", "p1", "p2"]
     assert val["id"].tolist() == [1, 3, 5] and val["predicted"].tolist() == [0, 1, 2]
-    test = P.test_frame(ids, probs)
+    test = T.test_frame(ids, probs)
     assert list(test.columns) == ["id", "p0", "p1", "p2"] and test["id"].tolist() == [1, 3, 5]
-    sub = P.submission_frame(ids, probs)
+    sub = T.submission_frame(ids, probs)
     assert list(sub.columns) == ["id", "target_feature"]
     assert sub["target_feature"].tolist() == [0, 1, 2] and sub.dtypes.tolist() == [np.int64, np.int64]
-    assert P.submission_frame(ids, np.array([2, 0, 1]))["target_feature"].tolist() == [0, 1, 2]
+    assert T.submission_frame(ids, np.array([2, 0, 1]))["target_feature"].tolist() == [0, 1, 2]
 
 
 def test_write_predictions_writes_exactly_the_contract(tmp_path: Path) -> None:
     ids = np.array([9, 2, 4])
     probs = np.array([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1], [0.2, 0.5, 0.3]], dtype=np.float32)
-    val = P.val_frame(ids, [2, 0, 1], probs).assign(extra=1)
-    written = P.write_predictions(tmp_path / "run", val=val, test=P.test_frame(ids + 100, probs))
+    val = T.val_frame(ids, [2, 0, 1], probs).assign(extra=1)
+    written = T.write_predictions(tmp_path / "run", val=val, test=T.test_frame(ids + 100, probs))
     assert set(written) == {"val_predictions.csv", "test_predictions.csv", "submission.csv"}
     run = tmp_path / "run"
     assert (run / "val_predictions.csv").read_text().splitlines()[0] == "id,true,predicted,p0,p1,p2"
     assert (run / "test_predictions.csv").read_text().splitlines()[0] == "id,p0,p1,p2"
-    sub = P.validate_submission(run / "submission.csv", test_ids=ids + 100)
+    sub = T.validate_submission(run / "submission.csv", test_ids=ids + 100)
     assert sub["id"].tolist() == [102, 104, 109] and sub["target_feature"].tolist() == [0, 1, 2]
     back = pd.read_csv(run / "val_predictions.csv")
     np.testing.assert_allclose(back[["p0", "p1", "p2"]].to_numpy(), probs[[1, 2, 0]], rtol=1e-6)
@@ -185,7 +187,7 @@ def test_write_predictions_writes_exactly_the_contract(tmp_path: Path) -> None:
 
 
 def test_write_predictions_val_only(tmp_path: Path) -> None:
-    P.write_predictions(tmp_path, val=P.val_frame([1], [0], np.array([[1.0, 0, 0]])))
+    T.write_predictions(tmp_path, val=T.val_frame([1], [0], np.array([[1.0, 0, 0]])))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val_predictions.csv"]
 
 
@@ -200,13 +202,13 @@ def write(tmp_path: Path, text: str, name: str = "submission.csv") -> Path:
 
 
 def test_validator_accepts_a_good_submission(tmp_path: Path) -> None:
-    sub = P.validate_submission(write(tmp_path, GOOD), test_ids=[5, 2, 1])
+    sub = T.validate_submission(write(tmp_path, GOOD), test_ids=[5, 2, 1])
     assert sub["id"].tolist() == [1, 2, 5] and sub["target_feature"].tolist() == [0, 1, 2]
     assert sub.dtypes.tolist() == [np.int64, np.int64]
     # a trailing blank line is harmless
-    P.validate_submission(write(tmp_path, GOOD + "\n"), test_ids=[1, 2, 5])
+    T.validate_submission(write(tmp_path, GOOD + "\n"), test_ids=[1, 2, 5])
     frame = pd.DataFrame({"id": [1, 2, 5], "target_feature": [0, 1, 2]})
-    assert P.validate_submission(frame, test_ids=[1, 2, 5]).equals(sub)
+    assert T.validate_submission(frame, test_ids=[1, 2, 5]).equals(sub)
 
 
 @pytest.mark.parametrize("text, match", [
@@ -220,7 +222,7 @@ def test_validator_accepts_a_good_submission(tmp_path: Path) -> None:
     ("id,target_feature\n1,0\n,1\n", r"line 3: id is empty"),
     ("id,target_feature\n1,0\n2,1\n1,2\n", r"line 4: id 1 is a duplicate of line 2"),
     ("id,target_feature\n2,0\n1,1\n", r"line 3: id 1 comes after id 2; sort the rows by id"),
-    ("id,target_feature\n1,3\n", r"line 2: label 3 is outside \{0, 1, 2\}"),
+    ("id,target_feature\n1,3\n", r"line 2: label '3' is outside \{0, 1, 2\}"),
     ("id,target_feature\n1,0\n2,covid\n", r"line 3: label 'covid' is not 0, 1 or 2"),
     ("id,target_feature\n1,0\n2,\n", r"line 3: label is empty"),
     ("id,target_feature\n1,0\n2,NaN\n", r"line 3: label is empty"),
@@ -233,7 +235,7 @@ def test_validator_accepts_a_good_submission(tmp_path: Path) -> None:
 def test_validator_rejects_malformed_files(tmp_path: Path, text: str, match: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(LungsError, match=match) as exc:
-        P.validate_submission(path)
+        T.validate_submission(path)
     assert str(path) in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -241,33 +243,33 @@ def test_validator_reports_missing_and_extra_test_ids(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     missing = r"test id 3 \(and 1 more\) has no row.*one row per test image \(5\)"
     with pytest.raises(LungsError, match=missing):
-        P.validate_submission(path, test_ids=[1, 2, 3, 4, 5])
+        T.validate_submission(path, test_ids=[1, 2, 3, 4, 5])
     extra = r"line 3: id 2 \(and 1 more unexpected id\(s\)\) is not a test image"
     with pytest.raises(LungsError, match=extra):
-        P.validate_submission(path, test_ids=[1])
+        T.validate_submission(path, test_ids=[1])
 
 
 def test_validator_missing_file_folder_and_binary(tmp_path: Path) -> None:
     with pytest.raises(LungsError, match="does not exist"):
-        P.validate_submission(tmp_path / "nope.csv")
+        T.validate_submission(tmp_path / "nope.csv")
     with pytest.raises(LungsError, match="is a folder"):
-        P.validate_submission(tmp_path)
+        T.validate_submission(tmp_path)
     binary = tmp_path / "sub.csv"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00" * 20)
     with pytest.raises(LungsError):
-        P.validate_submission(binary)
+        T.validate_submission(binary)
 
 
 def test_validator_on_frames_names_rows() -> None:
     with pytest.raises(LungsError, match=r"submission frame: row 1: label is empty"):
-        P.validate_submission(pd.DataFrame({"id": [1, 2], "target_feature": pd.array([0, None], "Int64")}))
+        T.validate_submission(pd.DataFrame({"id": [1, 2], "target_feature": pd.array([0, None], "Int64")}))
     # a float column would be written as "1.0", which Kaggle does not take as an integer id
     with pytest.raises(LungsError, match=r"row 0: id '1.0' is not"):
-        P.validate_submission(pd.DataFrame({"id": [1.0, 2.0], "target_feature": [0, 1]}))
+        T.validate_submission(pd.DataFrame({"id": [1.0, 2.0], "target_feature": [0, 1]}))
 
 
 def test_score_submission_against_answers(tmp_path: Path) -> None:
-    from lungs_utils.predict import score_submission
+    from lungs_utils.stats.scoring import score_submission
 
     answers = tmp_path / "answers.csv"
     pd.DataFrame({"id": [1, 2, 3, 4], "target_feature": [0, 1, 2, 2]}).to_csv(answers, index=False)

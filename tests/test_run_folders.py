@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lungs_utils import experiment as E
+from lungs_utils.runs import experiment as E
 from lungs_utils import params as P
 from lungs_utils import paths
-from lungs_utils import segmentation as S
+from lungs_utils.runs import segmentation as S
 from lungs_utils.errors import LungsError
 from lungs_utils.paths import CLAIMED_ENV
 
@@ -80,7 +80,7 @@ def test_segmentation_and_the_other_notebooks_follow_the_same_rules(tiny_data: P
     (run / "masks" / "test").mkdir(parents=True)
     (run / "masks" / "test" / "img_1.png").write_bytes(b"a mask of an earlier run")
     with pytest.raises(LungsError, match="already holds a run"):
-        S.prepare(quick(tiny_data, run, model="unet_small", folds=2), progress=False)
+        S.prepare(quick(tiny_data, run, model="unet_small", cv=2), progress=False)
     # data / ensemble / leaderboard notebooks: paths.make_run_dir before their first write
     board = tmp_path / "board"
     (board / "plots").mkdir(parents=True)
@@ -115,8 +115,8 @@ def test_an_unwritable_outputs_folder_is_one_line(tiny_data: Path, tmp_path: Pat
 
 def test_commands_name_the_folder_that_is_not_writable(tiny_data: Path, tmp_path: Path, monkeypatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from lungs_utils import leaderboard
-    from lungs_utils.cli import main
+    from lungs_utils.analysis import leaderboard
+    from lungs_utils.app.cli import main
 
     outputs = tmp_path / "outputs"
     outputs.write_text("not a folder")

@@ -33,7 +33,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lungs_utils import phantom
+from lungs_utils.xrays import phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lungs_utils"

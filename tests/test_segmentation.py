@@ -11,13 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lungs_utils import data as D
-from lungs_utils import experiment as E
+from lungs_utils.xrays import data as D
+from lungs_utils.runs import experiment as E
 from lungs_utils import params as P
-from lungs_utils import phantom, presets
-from lungs_utils import segmentation as S
+from lungs_utils.xrays import phantom
+from lungs_utils.xrays import presets
+from lungs_utils.runs import segmentation as S
+from lungs_utils import models, runfolder
+from lungs_utils.engine.tasks import DiceBCELoss
+from lungs_utils.xrays import masks as masks_mod
 from lungs_utils.errors import LungsError
-from lungs_utils.metrics import MaskOverlap, dice_iou
+from lungs_utils.stats.metrics import MaskOverlap, dice_iou
 
 PHANTOM_SIZE, SEG_SIZE = 96, 48
 
@@ -49,7 +53,7 @@ def test_mask_overlap_pools_the_whole_set_and_averages_per_image() -> None:
 def test_dice_bce_loss_is_small_for_a_confident_right_mask_and_adds_up() -> None:
     target = torch.zeros(4, 1, 8, 8)
     target[:, :, 2:6, 2:6] = 1
-    loss = S.DiceBCELoss()
+    loss = DiceBCELoss()
     right, wrong = (target * 2 - 1) * 20, (1 - target * 2) * 20
     assert float(loss(right, target)) < 1e-3
     assert float(loss(wrong, target)) > 10
@@ -115,7 +119,7 @@ def seg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, S.SegExperi
     """A phantom set and a 2-fold segmentation run on it (explicit paths: module-scoped)."""
     root = tmp_path_factory.mktemp("seg")
     phantom.generate(root / "ph", n_train=60, n_test=9, size=PHANTOM_SIZE, seed=5, workers=1)
-    params = seg_params(root, folds=2)
+    params = seg_params(root, cv=2)
     return root, S.run(params, progress=False)
 
 
@@ -147,13 +151,13 @@ def test_predicted_masks_exist_for_every_test_id_at_the_image_size(seg_run) -> N
     root, exp = seg_run
     data_dir = root / "ph" / "data"
     test_ids = set(D.list_images(data_dir / D.TEST_IMAGES))
-    written = D.list_images(exp.run_dir / S.MASKS_DIR / S.TEST_MASKS)
+    written = D.list_images(exp.run_dir / runfolder.MASKS_DIR / runfolder.TEST_MASKS)
     assert set(written) == test_ids
     for path in written.values():
         with Image.open(path) as im:
             assert im.size == (PHANTOM_SIZE, PHANTOM_SIZE) and im.mode == "L"
             assert set(np.unique(np.asarray(im)).tolist()) <= {0, 255}
-    oof = D.list_images(exp.run_dir / S.MASKS_DIR / S.OOF_MASKS)
+    oof = D.list_images(exp.run_dir / runfolder.MASKS_DIR / runfolder.OOF_MASKS)
     assert set(oof) == set(D.list_images(data_dir / D.TRAIN_IMAGES))  # every train image, out of fold
 
 
@@ -161,14 +165,14 @@ def test_segmentation_resume_trains_nothing_more_and_gives_the_same_masks(seg_ru
     root, exp = seg_run
     before = (exp.run_dir / "masks" / "test").iterdir().__next__().read_bytes()
     again = S.run({**exp.params, "resume": True}, progress=False)
-    assert [r.epochs_run for r in again.results] == [r.epochs_run for r in exp.results]
+    assert [p.result.epochs_run for p in again.parts] == [p.result.epochs_run for p in exp.parts]
     assert again.outputs["metrics"]["val_dice"] == pytest.approx(exp.outputs["metrics"]["val_dice"])
     assert (exp.run_dir / "masks" / "test").iterdir().__next__().read_bytes() == before
 
 
 def test_segmentation_needs_a_mask_head_and_masks(tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(LungsError, match="has no mask head; for segmentation use one of: .*unet_small"):
-        S.build_model("resnet18")
+        models.segmenter("resnet18")
     for f in (tiny_data / D.TRAIN_MASKS).iterdir():
         f.unlink()
     with pytest.raises(LungsError, match="train_lung_masks is missing"):
@@ -211,14 +215,14 @@ def test_mask_modes_need_a_usable_mask_run(seg_run, tmp_path: Path) -> None:
         E.prepare(cls_params(root, "crop", "nowhere", output_dir=str(tmp_path / "b")), progress=False)
     partial = tmp_path / "partial"
     (partial / "masks" / "test").mkdir(parents=True)
-    with pytest.raises(LungsError, match=r"no predicted mask for 60 of 60 train images .*folds: 3"):
+    with pytest.raises(LungsError, match=r"no predicted mask for 60 of 60 train images .*cv: 3"):
         E.prepare(cls_params(root, "crop", str(partial), output_dir=str(tmp_path / "c")), progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 def test_a_mask_run_of_other_images_is_refused_even_with_the_same_ids(seg_run, tmp_path: Path) -> None:
     root, seg = seg_run
-    made_on = json.loads((seg.run_dir / "masks" / S.DATASET_FILE).read_text())
+    made_on = json.loads((seg.run_dir / "masks" / runfolder.DATASET_FILE).read_text())
     assert made_on["fingerprint"] == seg.data.fingerprint and made_on["n_train"] == 60
     # Another phantom set with the very same ids (60 train, 9 test) but other films.
     phantom.generate(tmp_path / "other", n_train=60, n_test=9, size=PHANTOM_SIZE, seed=6, workers=1)
@@ -227,20 +231,20 @@ def test_a_mask_run_of_other_images_is_refused_even_with_the_same_ids(seg_run, t
     with pytest.raises(LungsError, match=r"was made on other images .*run 05_lung_segmentation on this dataset"):
         E.prepare(other, progress=False)
     assert not (tmp_path / "cls").exists()
-    # Other ids altogether: the hint names the dataset, not folds (the run had folds).
+    # Other ids altogether: the hint names the dataset, not cv (the run had folds).
     phantom.generate(tmp_path / "more", n_train=75, n_test=9, size=PHANTOM_SIZE, seed=6, workers=1)
-    (seg.run_dir / "masks" / S.DATASET_FILE).rename(tmp_path / "dataset.json")  # as a run made before the record
+    (seg.run_dir / "masks" / runfolder.DATASET_FILE).rename(tmp_path / "dataset.json")  # as a run made before the record
     try:
         with pytest.raises(LungsError, match=r"no predicted mask for .* made on another dataset") as info:
             E.prepare(cls_params(root, "crop", str(seg.run_dir), data_dir=str(tmp_path / "more" / "data"),
                                  output_dir=str(tmp_path / "cls2")), progress=False)
-        assert "folds: 3" not in str(info.value)
+        assert "cv: 3" not in str(info.value)
     finally:
-        (tmp_path / "dataset.json").rename(seg.run_dir / "masks" / S.DATASET_FILE)
+        (tmp_path / "dataset.json").rename(seg.run_dir / "masks" / runfolder.DATASET_FILE)
 
 
 def test_leaderboard_leaves_out_segmentation_runs(seg_run) -> None:
-    from lungs_utils import leaderboard
+    from lungs_utils.analysis import leaderboard
 
     root, exp = seg_run
     assert exp.run_dir not in leaderboard.run_folders(root)  # no macro-F1 to rank it by
@@ -248,12 +252,12 @@ def test_leaderboard_leaves_out_segmentation_runs(seg_run) -> None:
 
 def test_lungs_train_runs_a_segmentation_params_file(seg_run, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from lungs_utils import cli
+    from lungs_utils.app import cli
 
     root, _ = seg_run
     recipe = Path(__file__).resolve().parents[1] / "params" / "05_lung_segmentation.yaml"
     overrides = dict(data_dir=root / "ph" / "data", output_dir=tmp_path / "masks_run", cache_dir=root / "cache",
-                     image_size=32, epochs=1, folds=2, device="cpu")
+                     image_size=32, epochs=1, cv=2, device="cpu")
     code = cli.main(["train", str(recipe), *[a for k, v in overrides.items() for a in ("-p", f"{k}={v}")]])
     assert code == 0 and "out-of-fold Dice" in capsys.readouterr().out
     assert len(list((tmp_path / "masks_run" / "masks" / "test").glob("img_*.png"))) == 9
@@ -281,7 +285,7 @@ def test_clean_mask_keeps_two_lungs_drops_specks_and_fills_holes() -> None:
     m[20:24, 15:19] = 0  # a hole (an opacity the model missed)
     m[2:4, 2:4] = 255  # a speck in the corner
     m[56:58, 60:62] = 255  # another
-    cleaned, kept = S.clean_mask(m)
+    cleaned, kept = masks_mod.clean_mask(m)
     assert kept
     assert np.array_equal(cleaned, _lungs() > 0)
 
@@ -290,7 +294,7 @@ def test_clean_mask_keeps_one_lung_when_the_other_is_missed() -> None:
     m = _lungs()
     m[:, 32:] = 0
     m[40:42, 50:52] = 255  # a speck well under a tenth of the lung
-    cleaned, kept = S.clean_mask(m)
+    cleaned, kept = masks_mod.clean_mask(m)
     assert kept and cleaned[:, 32:].sum() == 0 and cleaned[12:50, 10:28].all()
 
 
@@ -303,12 +307,12 @@ def test_clean_mask_rejects_implausible_masks(case: str) -> None:
         m[:] = 255
     elif case == "corner blob":  # a blob outside the chest, as on a small film in a black frame
         m[44:64, 0:16] = 255
-    cleaned, kept = S.clean_mask(m)
+    cleaned, kept = masks_mod.clean_mask(m)
     assert not kept and cleaned.sum() == 0  # empty: a classifier then uses the whole image
 
 
 def test_clean_masks_keeps_the_encoding_and_reports_rejects() -> None:
     stack = np.stack([_lungs(), np.zeros((64, 64), np.uint8)])
-    out, kept = S.clean_masks(stack)
+    out, kept = masks_mod.clean_masks(stack)
     assert out.dtype == np.uint8 and set(np.unique(out[0])) == {0, 255}
     assert kept.tolist() == [True, False]

@@ -11,9 +11,13 @@ import torch
 from torch import nn
 
 from lungs_utils import params as P
-from lungs_utils import presets
-from lungs_utils import train as T
-from lungs_utils.data import XrayDataset
+from lungs_utils.xrays import presets
+from lungs_utils.engine import loop as T
+from lungs_utils.engine import checkpoint as Ck
+from lungs_utils.engine import device as Dv
+from lungs_utils.engine import optim as Op
+from lungs_utils.engine import schedule as Sc
+from lungs_utils.xrays.data import XrayDataset
 from lungs_utils.errors import LungsError
 
 TIMING = ["train_seconds", "val_seconds", "images_per_s"]
@@ -54,8 +58,8 @@ def _no_timing(h: pd.DataFrame) -> pd.DataFrame:
 def test_optimizers_and_schedules(optimizer: str, scheduler: str) -> None:
     p = quick(optimizer=optimizer, scheduler=scheduler, warmup_epochs=0.5)
     model = tiny_net()
-    opt = T.make_optimizer(model, p)
-    sched = T.make_scheduler(opt, p, steps_per_epoch=10)
+    opt = Op.make_optimizer(model, p)
+    sched = Op.make_scheduler(opt, p, steps_per_epoch=10)
     lrs = []
     for _ in range(40):
         opt.step()
@@ -71,27 +75,27 @@ def test_optimizers_and_schedules(optimizer: str, scheduler: str) -> None:
 
 
 def test_sgd_is_nesterov() -> None:
-    opt = T.make_optimizer(tiny_net(), quick(optimizer="sgd"))
+    opt = Op.make_optimizer(tiny_net(), quick(optimizer="sgd"))
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
 
 
 def test_loss_class_weights_and_smoothing() -> None:
     labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
-    w = T.class_weight_tensor(quick(class_weights="balanced"), labels)
+    w = Op.class_weight_tensor(quick(class_weights="balanced"), labels)
     assert torch.allclose(w, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
-    loss = T.make_loss(quick(class_weights=[1, 2, 3], label_smoothing=0.1), labels)
+    loss = Op.make_loss(quick(class_weights=[1, 2, 3], label_smoothing=0.1), labels)
     assert loss.label_smoothing == 0.1 and loss.weight.tolist() == [1.0, 2.0, 3.0]
-    assert T.make_loss(quick(), labels).weight is None
+    assert Op.make_loss(quick(), labels).weight is None
 
 
 def test_precision_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
-    assert T.autocast_dtype(cpu, "auto") is torch.bfloat16
-    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
-    assert T.autocast_dtype(cpu, "auto") is None  # emulated bf16 would be slower than fp32
-    assert T.autocast_dtype(cpu, "bf16") is torch.bfloat16
-    assert T.autocast_dtype(cpu, "fp32") is None
+    monkeypatch.setattr(Dv, "cpu_has_native_bf16", lambda: True)
+    assert Dv.autocast_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(Dv, "cpu_has_native_bf16", lambda: False)
+    assert Dv.autocast_dtype(cpu, "auto") is None  # emulated bf16 would be slower than fp32
+    assert Dv.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert Dv.autocast_dtype(cpu, "fp32") is None
 
 
 def test_auto_precision_follows_the_cpu_kind_and_an_isa_cap(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,18 +104,18 @@ def test_auto_precision_follows_the_cpu_kind_and_an_isa_cap(monkeypatch: pytest.
     zen5 = "model name : AMD EPYC\nflags : fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16\n"
     for env, native in (({}, True), ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False), ({"ATEN_CPU_CAPABILITY": "avx2"}, True)):
         monkeypatch.setattr(hardware, "cpu_kind", lambda env=env: hardware.parse_cpuinfo(zen5, env, cores=2))
-        assert T.cpu_has_native_bf16() is native, env
-        assert T.autocast_dtype(torch.device("cpu"), "auto") is (torch.bfloat16 if native else None)
+        assert Dv.cpu_has_native_bf16() is native, env
+        assert Dv.autocast_dtype(torch.device("cpu"), "auto") is (torch.bfloat16 if native else None)
     avx2_only = "model name : Intel Xeon\nflags : fpu sse2 avx avx2\n"
     monkeypatch.setattr(hardware, "cpu_kind", lambda: hardware.parse_cpuinfo(avx2_only, {}, cores=2))
-    assert T.autocast_dtype(torch.device("cpu"), "auto") is None
+    assert Dv.autocast_dtype(torch.device("cpu"), "auto") is None
 
 
 def test_cuda_requested_without_gpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(LungsError, match="no CUDA GPU"):
-        T.select_device("cuda")
+        Dv.select_device("cuda")
 
 
 # ------------------------------------------------------------------------------------------- augmentation
@@ -186,7 +190,7 @@ def test_resume_after_two_of_four_epochs_equals_four_epochs(tmp_path: Path) -> N
     train, val = toy_sets(size=40)
     # Progressive resizing too: the size changes after the resume point (epochs at 16, 16, 32, 40).
     p = quick(mixup=0.2, cutmix=0.5, equalize=0.2, crop_scale=0.6, image_size=40, start_size=16)
-    assert [T.train_size(p, e) for e in range(4)] == [16, 16, 32, 40]
+    assert [Sc.train_size(p, e) for e in range(4)] == [16, 16, 32, 40]
     torch.manual_seed(0)
     straight = T.fit(tiny_net(), train, val, p, tmp_path / "straight", progress=False)
     torch.manual_seed(0)
@@ -223,10 +227,10 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path: Path, monkeypatch: py
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
-    state = T.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    state = Ck.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert calls and all(k.get("weights_only") is True for k in calls)
     fresh = tiny_net()
-    T.load_weights(fresh, state)
+    Ck.load_weights(fresh, state)
     x = torch.randn(2, 1, 24, 24)
     model.eval(), fresh.eval()
     assert state["epoch"] == 2 and state["params"]["epochs"] == 2
@@ -236,13 +240,13 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"definitely not a zip or pickle")
     with pytest.raises(LungsError, match="junk.pt is not a lungs checkpoint"):
-        T.load_checkpoint(junk)
+        Ck.load_checkpoint(junk)
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(2)}, plain)
     with pytest.raises(LungsError, match="no 'lungs-checkpoint-1' marker"):
-        T.load_checkpoint(plain)
+        Ck.load_checkpoint(plain)
     with pytest.raises(LungsError, match="does not exist"):
-        T.load_checkpoint(tmp_path / "missing.pt")
+        Ck.load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
@@ -250,9 +254,9 @@ def test_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
 
     train, val = toy_sets()
     T.fit(tiny_net(), train, val, quick(epochs=1, model="resnet_tiny"), tmp_path, progress=False)
-    state = T.load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    state = Ck.load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     with pytest.raises(LungsError, match="weights of 'resnet_tiny' that do not fit.*set model: resnet_tiny"):
-        T.load_weights(models.build("simple_cnn"), state, "best.pt")
+        Ck.load_weights(models.build("simple_cnn"), state, "best.pt")
 
 
 def test_batched_sharpen_matches_torchvision() -> None:
@@ -290,7 +294,7 @@ def test_fused_brightness_contrast_matches_the_two_steps() -> None:
 def test_resumed_run_reports_the_training_time_of_every_epoch(tiny_data: Path, tmp_path: Path) -> None:
     import json
 
-    from lungs_utils import experiment as E
+    from lungs_utils.runs import experiment as E
 
     p = quick(epochs=2, data_dir=str(tiny_data), output_dir=str(tmp_path / "run"))
     first = E.prepare(p, progress=False)
@@ -340,10 +344,10 @@ def test_histeq_equalises_the_radiograph_everywhere_and_leaves_the_mask() -> Non
 
 def test_progressive_resizing_ramps_up_to_the_full_size_and_validates_at_full_size(tmp_path: Path) -> None:
     p = quick(epochs=10, image_size=64, start_size=32)
-    sizes = [T.train_size(p, e) for e in range(10)]
+    sizes = [Sc.train_size(p, e) for e in range(10)]
     assert sizes[0] == 32 and sizes[-1] == 64 and sizes == sorted(sizes)
-    assert all(s % T.SIZE_STEP == 0 for s in sizes) and sizes.index(64) <= round(T.RAMP_SHARE * 10)
-    assert [T.train_size(quick(epochs=10, image_size=64), e) for e in (0, 9)] == [64, 64]  # off by default
+    assert all(s % Sc.SIZE_STEP == 0 for s in sizes) and sizes.index(64) <= round(Sc.RAMP_SHARE * 10)
+    assert [Sc.train_size(quick(epochs=10, image_size=64), e) for e in (0, 9)] == [64, 64]  # off by default
 
     seen: list[tuple[str, int]] = []
 

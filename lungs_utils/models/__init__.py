@@ -4,6 +4,7 @@
 >>> model = models.build("resnet18", num_classes=3, in_channels=1)
 >>> models.names()          # every valid name
 >>> models.describe("unet") # {'name', 'params', 'flops'} at 256 px
+>>> models.for_params(params) # the network a run's params ask for (classifier or mask-only U-Net)
 
 Every model accepts any input size (adaptive pooling) and ``in_channels`` (1 = grayscale X-ray,
 2 = X-ray + lung mask), is randomly initialised (no pretrained weights: the competition forbids
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 # Importing the architecture modules fills the registry (their @register decorators).
 from . import small, tv, unet, vgg  # noqa: F401
+from .build import for_params, segmenter
 from .layers import adapt_first_conv
 from .registry import build, describe, names, options, register, summary_table
 from .unet import UNet
@@ -33,8 +35,10 @@ __all__ = [
     "adapt_first_conv",
     "build",
     "describe",
+    "for_params",
     "names",
     "options",
     "register",
+    "segmenter",
     "summary_table",
 ]
