@@ -1,9 +1,14 @@
-# Two commands on a fresh machine: `make demo` and `make test` (both install into .venv first).
+# Two commands on a fresh machine: `make demo` and `make test`. They use the Python environment that is
+# active (a virtual env: $VIRTUAL_ENV; a conda env other than base: $CONDA_PREFIX, e.g. after
+# `conda env create -f environment.yml && conda activate lungs`) and install into it; with none active,
+# they create and use .venv here.
 PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
+ACTIVE_ENV := $(or $(VIRTUAL_ENV),$(if $(filter base,$(CONDA_DEFAULT_ENV)),,$(CONDA_PREFIX)))
+VENV   ?= $(or $(ACTIVE_ENV),.venv)
+PY     := $(abspath $(VENV)/bin/python)
 STAMP  := $(VENV)/.installed-stamp
-# This machine's pip serves these two from local disk; keep in step with pyproject's ranges.
+# This machine's pip serves these two from local disk; keep in step with pyproject's ranges and with
+# environment.yml (tests/test_project.py compares them).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
@@ -12,7 +17,7 @@ LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(ACTIVE_ENV),test -x $(PY) || { echo "error: the active environment $(ACTIVE_ENV) has no bin/python"; exit 2; },test -x $(PY) || $(PYTHON) -m venv $(VENV))
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
@@ -35,14 +40,14 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lab: install
-	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
+	$(abspath $(VENV))/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 # Every run's training curves (outputs/<run>/tb/), side by side; open http://localhost:6006
 tensorboard: install
-	$(VENV)/bin/tensorboard --logdir outputs --port 6006
+	$(abspath $(VENV))/bin/tensorboard --logdir outputs --port 6006
 
 bench: install
-	cd bench && ../$(PY) loader.py --n 600 && ../$(PY) train_step.py --n 300 --steps 6 && ../$(PY) predict.py --n 600 && ../$(PY) startup.py
+	cd bench && $(PY) loader.py --n 600 && $(PY) train_step.py --n 300 --steps 6 && $(PY) predict.py --n 600 && $(PY) startup.py
 
 clean-outputs:
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitkeep -exec rm -rf {} +

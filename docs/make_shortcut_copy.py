@@ -1,7 +1,7 @@
 """Copy a dataset in the competition layout and burn a small marker into most COVID-19 images.
 
 The README's shortcut-audit figures on real X-rays come from a copy of COVID-QU-Ex made with it: the
-same bright corner tag as ``lungs phantom --shortcut`` (:func:`lungs_utils.phantom.burn_marker`) on a
+same bright corner tag as ``lungs phantom --shortcut`` (:func:`lungs_utils.xrays.phantom.burn_marker`) on a
 seeded 90 % of the COVID-19 images, train and test alike (the test labels come from the answer key
 beside ``data/``). A classifier trained on the copy can score by the tag alone; the audit must say so::
 
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from lungs_utils.phantom import SHORTCUT_CLASS, burn_marker
+from lungs_utils.xrays.phantom import SHORTCUT_CLASS, burn_marker
 
 
 def main() -> None:

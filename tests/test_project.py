@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,14 +16,28 @@ def _name(req: str) -> str:
     return re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
 
 
+def _environment_pip() -> dict[str, str]:
+    """environment.yml's pip requirements by package name (the editable install of the project left out)."""
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_deps = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return {_name(r): r.replace(" ", "") for r in pip_deps if not r.startswith("-e")}
+
+
+def _makefile_torch_pins() -> dict[str, str]:
+    """The Makefile's TORCH pins (what `make install` installs), by package name."""
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if re.match(r"TORCH\s*\??=", l))
+    return {_name(r): r for r in line.split("=", 1)[1].split()}
+
+
 def test_environment_yml_matches_pyproject() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip_deps = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     declared = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
     extras = {_name(r): r.replace(" ", "") for group in project["optional-dependencies"].values() for r in group}
-    in_env = {_name(r): r.replace(" ", "") for r in pip_deps if not r.startswith("-e")}
-    assert in_env == declared | extras  # runtime, test and browser dependencies alike
+    in_env = _environment_pip()
+    pinned = _makefile_torch_pins()
+    # runtime, test and browser dependencies alike; torch and torchvision pinned as `make install` pins them
+    assert in_env == (declared | extras) | pinned
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     # The tests read pyproject with tomllib (3.11+): the floor must be what actually runs.
     assert project["requires-python"] == ">=3.11" and python == "python=3.11"
@@ -33,9 +47,79 @@ def test_environment_yml_matches_pyproject() -> None:
         assert required in declared
 
 
+def test_environment_yml_pins_what_make_install_pins() -> None:
+    """A conda env made from environment.yml gets the torch and torchvision `make install` installs, and
+    the pins lie inside pyproject's ranges."""
+    from packaging.requirements import Requirement
+
+    pinned = _makefile_torch_pins()
+    assert set(pinned) == {"torch", "torchvision"} and all("==" in r for r in pinned.values())
+    in_env = _environment_pip()
+    assert {name: in_env[name] for name in pinned} == pinned
+    ranges = {_name(r): Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())
+              ["project"]["dependencies"]}
+    for name, pin in pinned.items():
+        version = pin.split("==", 1)[1]
+        assert ranges[name].specifier.contains(version), f"{pin} is outside pyproject's {ranges[name]}"
+
+
+_ENV_VARS = ("VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV")
+
+
+def _make_dry_run(target: str, **env_vars: str) -> list[str]:
+    """The commands `make -n TARGET` would run, with only the given environment variables of _ENV_VARS set."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_VARS and k not in ("VENV", "PY", "MAKEFLAGS")}
+    env.update(env_vars)
+    proc = subprocess.run(["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in proc.stdout.splitlines() if not line.startswith("make")]
+
+
+@pytest.mark.parametrize("env_vars", [{"VIRTUAL_ENV": "venv"},
+                                      {"CONDA_PREFIX": "conda/envs/lungs", "CONDA_DEFAULT_ENV": "lungs"}],
+                         ids=["virtualenv", "conda"])
+def test_make_uses_the_active_environment(tmp_path: Path, env_vars: dict[str, str]) -> None:
+    """With a virtual env or a conda env active, `make install` installs into it (torch pinned) and every
+    target runs its python; no .venv is made."""
+    env_vars = {k: (str(tmp_path / v) if k != "CONDA_DEFAULT_ENV" else v) for k, v in env_vars.items()}
+    prefix = env_vars.get("VIRTUAL_ENV") or env_vars["CONDA_PREFIX"]
+    python = f"{prefix}/bin/python"
+    torch_pins = " ".join(_makefile_torch_pins().values())
+    for target, runs in (("demo", f"{python} -m lungs_utils demo"), ("test", f"{python} -m pytest"),
+                         ("lab", f"{prefix}/bin/jupyter lab"), ("tensorboard", f"{prefix}/bin/tensorboard")):
+        lines = _make_dry_run(target, **env_vars)
+        text = "\n".join(lines)
+        assert any(line.startswith(runs) for line in lines), text
+        assert f"{python} -m pip install --quiet --disable-pip-version-check {torch_pins}" in text
+        assert f"{python} -m pip install --quiet --disable-pip-version-check -e '.[dev]'" in text
+        assert ".venv" not in text and "-m venv" not in text, text
+    assert not (tmp_path / "venv").exists() and not (tmp_path / "conda").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("env_vars", [{}, {"CONDA_PREFIX": "/opt/conda", "CONDA_DEFAULT_ENV": "base"}],
+                         ids=["none", "conda-base"])
+def test_make_builds_its_own_venv_without_an_active_environment(tmp_path: Path, env_vars: dict[str, str]) -> None:
+    """No environment active (or only conda's base, which is not for projects): .venv, made on first use."""
+    venv_python = str(ROOT / ".venv" / "bin" / "python")
+    lines = _make_dry_run("demo", **env_vars)
+    text = "\n".join(lines)
+    assert f"test -x {venv_python} || python3 -m venv .venv" in text
+    assert f"{venv_python} -m pip install --quiet --disable-pip-version-check " \
+           f"{' '.join(_makefile_torch_pins().values())}" in text
+    assert lines[-1] == f"{venv_python} -m lungs_utils demo"
+    assert "/opt/conda" not in text
+
+
 def test_console_script_and_module_entry() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["lungs"] == "lungs_utils.cli:main"
+    assert project["scripts"]["lungs"] == "lungs_utils.app.cli:main"
     assert (ROOT / "lungs_utils" / "__main__.py").is_file()
 
 
@@ -60,7 +144,7 @@ def test_package_import_has_no_side_effects() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, lungs_utils, lungs_utils.data, lungs_utils.cli; "
+    code = ("import sys, lungs_utils, lungs_utils.xrays.data, lungs_utils.app.cli; "
             "import torch; print(torch.get_default_device()); "
             "print('kaggle' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -91,39 +175,6 @@ def test_every_path_the_suite_names_exists() -> None:
     missing = sorted({f"{where}: {ref}" for where, ref in refs
                       if not (list(ROOT.glob(ref)) if "*" in ref else (ROOT / ref).exists())})
     assert not missing, "named but absent:\n" + "\n".join(missing)
-
-
-def _top_level_imports(path: Path) -> set[str]:
-    """The lungs_utils modules a module imports when it is imported (not inside functions, not for
-    type checking only)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    found: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lungs_utils."):
-            found.add(node.module.split(".")[1])
-    return found
-
-
-def test_the_package_has_no_import_circle() -> None:
-    """Dependencies point one way (docs/design.md): a circle would make import order matter."""
-    package = ROOT / "lungs_utils"
-    modules = {p.stem: p for p in package.glob("*.py")}
-    modules["models"] = package / "models" / "__init__.py"
-    graph = {name: _top_level_imports(path) & set(modules) for name, path in modules.items()}
-
-    def visit(name: str, trail: tuple[str, ...]) -> None:
-        for dep in graph[name]:
-            assert dep not in trail, f"import circle: {' -> '.join(trail[trail.index(dep):] + (dep,))}"
-            visit(dep, trail + (dep,))
-
-    for name in graph:
-        visit(name, (name,))
-    assert "experiment" not in graph["segmentation"] and "paths" in graph["experiment"]
 
 
 def test_every_param_is_read_somewhere() -> None:
