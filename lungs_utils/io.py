@@ -1,17 +1,46 @@
 """Crash-safe file writing: every file the suite writes goes to a temporary name, then is renamed.
 
-A kill at any moment leaves either the old file or the new one, never a half-written one.
+A kill at any moment leaves either the old file or the new one, never a half-written one; a disk that
+fills up during a write is one error line (:func:`no_room`), with the old file intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import LungsError
+
+#: Under this much free space, a write that failed for an unnamed reason failed for want of room (torch.save
+#: reports a full disk from its zip writer as ``RuntimeError: ... unexpected pos ...``).
+LOW_SPACE = 16 << 20
+
+
+def _free(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def no_room(exc: BaseException, folder: Path) -> LungsError | None:
+    """The one error line for a write that failed because the disk is full, or None when it failed for
+    another reason."""
+    free = _free(folder)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (isinstance(exc, RuntimeError) and free is not None and free < LOW_SPACE)
+    if not full:
+        return None
+    room = f"{free / 2**20:.0f} MB free" if free is not None else "no room"
+    return LungsError(f"the disk holding {folder} is full ({room}): free space there, or point LUNGS_OUTPUTS "
+                      "(runs) or LUNGS_CACHE_DIR (decoded images) at a disk with room, then run the command "
+                      "again (a run continues with --resume); nothing was left half-written")
 
 
 @contextlib.contextmanager
@@ -31,6 +60,12 @@ def atomic_path(path: str | os.PathLike[str], prefix: str | None = None) -> Iter
         # mkstemp makes 0600 files; give the result the permissions a plain open() would have.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:
+        tmp_path.unlink(missing_ok=True)  # first: the space it took is what the check below looks at
+        full = no_room(exc, path.parent)
+        if full is not None:
+            raise full from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -53,7 +88,14 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = no_room(exc, path.parent)
+            if full is not None:
+                raise full from None
+            raise
         os.chmod(tmp, 0o777 & ~_umask())
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -100,6 +100,10 @@ SCHEMA: dict[str, Spec] = {
                    minimum=1),
     "tensorboard": _s(bool, True, "write TensorBoard logs (losses, macro-F1, per-class F1, learning rate, "
                       "confusion matrix per epoch) to the run folder's tb/; `make tensorboard` shows outputs/"),
+    "time_limit": _s(float, None, "minutes this run may take from its start: training stops at a clean point "
+                     "in time to predict and write a submission from what it has (the folds that finished, else "
+                     "the best checkpoint so far), recorded in metrics.json; SIGTERM does the same (null = no "
+                     "limit; lungs kaggle-kernel sets one below Kaggle's)", nullable=True, minimum=0.1),
     "resume": _s(bool, False, "continue from checkpoints/last.pt of this run"),
     "overwrite": _s(bool, False, "replace a run already in this run's folder (otherwise it is refused: "
                     "resume it or choose another run_name)"),

@@ -298,6 +298,8 @@ def make_run_dir(params: Mapping[str, Any]) -> Path:
     """Create the run folder (checked by :func:`check_run_dir`): with ``overwrite`` the old run is removed
     first, the traces of a start that produced nothing always are; fails in one line when not writable."""
     folder = check_run_dir(params)
+    if folder.is_dir():
+        remove_leftovers(folder)
     if not claimed_here(folder) and not params.get("resume") and folder.is_dir():
         for entry in list(folder.iterdir()):
             if params.get("overwrite") or _is_trace(folder, entry):
@@ -307,6 +309,17 @@ def make_run_dir(params: Mapping[str, Any]) -> Path:
                     entry.unlink(missing_ok=True)
     ensure_writable(folder)
     return folder
+
+
+def remove_leftovers(folder: Path) -> None:
+    """The temporary files (``.<name>.<random>.tmp``) of writes a killed run left in its folder: a folder is
+    only ever written by the run that holds it, so any there now are dead (the final names were never
+    touched)."""
+    for leftover in sorted(folder.rglob(".*.tmp"), reverse=True):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def ensure_writable(folder: Path) -> None:

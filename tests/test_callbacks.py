@@ -55,10 +55,11 @@ def test_hooks_are_called_in_order_and_a_callback_can_stop_the_loop(tmp_path: Pa
 
 def test_default_callbacks_follow_the_params() -> None:
     names = lambda cbs: [type(c).__name__ for c in cbs]  # noqa: E731
-    assert names(C.default_callbacks(quick(), "run")) == ["Checkpoint", "History", "TensorBoard", "ProgressBar", "Log"]
+    assert names(C.default_callbacks(quick(), "run")) == ["Checkpoint", "History", "TensorBoard", "Deadline",
+                                                          "ProgressBar", "Log"]
     assert names(C.default_callbacks(quick(tensorboard=False, patience=3), "run", progress=False, stop_after=1)) == [
-        "Checkpoint", "History", "EarlyStopping", "StopAfter", "Log"]
-    assert names(C.default_callbacks(quick(), None, progress=False)) == ["Log"]
+        "Checkpoint", "History", "EarlyStopping", "StopAfter", "Deadline", "Log"]
+    assert names(C.default_callbacks(quick(), None, progress=False)) == ["Deadline", "Log"]
 
 
 def test_tensorboard_logs_every_epoch_and_a_resume_does_not_fork_the_curves(tmp_path: Path,

@@ -378,6 +378,8 @@ COVERED = {
     "make demo": ("tests/test_notebooks.py::test_demo_runs_the_demo_pipeline_and_reports",
                   "tests/test_project.py::test_make_uses_the_active_environment"),
     "make test": (".ci/run", "tests/test_project.py::test_ci_runs_make_test"),
+    "make test-faults": (".ci/run", "tests/test_project.py::test_ci_runs_make_test",
+                         "tests/test_faults.py::test_sigterm_stops_at_a_clean_point_with_a_submission_and_a_resume_finishes_the_same"),
     "make test-browser": (".ci/run", "tests/test_project.py::test_ci_runs_make_test",
                           "tests/test_browser.py::test_every_notebook_runs_all_cells_in_jupyterlab"),
     "make lab": ("tests/test_browser.py::test_every_notebook_runs_all_cells_in_jupyterlab",

@@ -81,7 +81,8 @@ def test_lungs_run_measures_once_and_the_notebook_shows_the_same_line(ph: Path, 
     from lungs_utils.runs import runner
 
     calls = []
-    monkeypatch.setattr(runner, "estimate_line", lambda values, progress=False: calls.append(values) or "estimate: about 7 s here")
+    said = estimate.Estimate(7.0, {"training": 5.0, "start-up": 2.0}, "here", "1 epoch")
+    monkeypatch.setattr(runner, "estimate", lambda values, progress=False: calls.append(values) or said)
     seen = {}
 
     def fake_papermill(*args, **kwargs):  # the kernel would see this environment
@@ -94,10 +95,11 @@ def test_lungs_run_measures_once_and_the_notebook_shows_the_same_line(ph: Path, 
 
     monkeypatch.setattr(papermill, "execute_notebook", fake_papermill)
     record = runner.execute(write(Path(str(ph)).parent / "cfg", data_dir=str(ph)))
-    assert len(calls) == 1 and seen["env"] == "estimate: about 7 s here" and record.status == "failed"
-    assert capsys.readouterr().out.startswith("est: estimate: about 7 s here")
-    monkeypatch.setenv(estimate.ESTIMATE_ENV, "estimate: handed down")
-    assert estimate.announce({}, None) == "estimate: handed down"  # no measuring in the notebook again
+    assert len(calls) == 1 and estimate.Estimate.from_json(seen["env"]) == said and record.status == "failed"
+    assert capsys.readouterr().out.startswith(f"est: {said.line()}")
+    monkeypatch.setenv(estimate.ESTIMATE_ENV, said.to_json())
+    assert estimate.announce({}, None) == said  # no measuring in the notebook again
+    assert capsys.readouterr().out == said.line() + "\n"
 
 
 def test_kaggle_projection_per_fold_and_the_session_limit(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ def test_gitignore_covers_data_outputs_and_credentials() -> None:
 
 def test_ci_runs_make_test() -> None:
     script = (ROOT / ".ci" / "run").read_text()
-    assert "make test\n" in script and "make test-browser" in script  # the suite, then the real browser
+    assert "make test\n" in script and "make test-faults\n" in script and "make test-browser" in script
 
 
 def test_readme_starts_with_the_two_commands() -> None:

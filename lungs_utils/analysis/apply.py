@@ -179,6 +179,11 @@ def open_run(run: str | os.PathLike[str]) -> Trained:
                          "classifier, cross-validation or ensemble run")
     if folder.kind == ENSEMBLE:
         spec = read_json(folder.path / ENSEMBLE_FILE)
+        weights = spec.get("weights")
+        if not isinstance(weights, dict) or not weights or \
+                not all(isinstance(w, (int, float)) for w in weights.values()):
+            raise LungsError(f"{folder.path / ENSEMBLE_FILE} is damaged (no members and weights); make the ensemble "
+                             "again with lungs ensemble or its notebook")
         parent = folder.path.parent
         members = [open_run(parent / name if (parent / name).is_dir() else name) for name in spec.get("weights", {})]
         return Trained(folder.name, folder.path, ENSEMBLE, {}, members=members,
@@ -189,17 +194,32 @@ def open_run(run: str | os.PathLike[str]) -> Trained:
     params = folder.load_params()
     if folder.kind == SEGMENTATION:
         raise LungsError(f"{folder.path} is a lung segmentation run; pass a classifier run (its masks: --mask-run)")
-    if not folder.scored or not folder.trained:
-        raise LungsError(f"{folder.path} holds no finished classifier (no metrics.json with a validation score, or "
-                         "no checkpoints/best.pt); finish the run first (--resume)")
+    if not folder.scored:
+        raise LungsError(f"{folder.path} holds no finished classifier (no readable metrics.json with a validation "
+                         "score); finish the run first (--resume)")
+    missing = [c for c in folder.checkpoints() if not c.is_file()]
+    if missing:
+        raise LungsError(f"{missing[0]} is missing, so run {folder.name} cannot predict ({len(missing)} of "
+                         f"{len(folder.parts)} model(s) lack their best checkpoint); continue the run with --resume")
     device = select_device(params["device"])
     calibration = folder.metrics.get("calibration") or {}
     return Trained(folder.name, folder.path, folder.kind, params,
                    [load_model(params, c, device) for c in folder.checkpoints()],
                    float(calibration["temperature"]) if calibration.get("applied") else 1.0,
-                   Polarity.load(folder.path / POLARITY_FILE),
+                   _polarity(folder),
                    tuple(folder.metrics.get("image_shape") or DEFAULT_SHAPE),  # type: ignore[arg-type]
                    synthetic=bool(folder.synthetic))
+
+
+def _polarity(folder: RunFolder) -> Polarity | None:
+    """The run's polarity detector (None for a set too small to fit one, which writes no file); a damaged
+    ``polarity.json`` is refused: predicting without the run's detector would take inverted films as they are."""
+    path = folder.path / POLARITY_FILE
+    found = Polarity.load(path)
+    if found is None and path.is_file():
+        raise LungsError(f"{path} is damaged (no detector weights); continue run {folder.name} with -p resume=true, "
+                         "which writes it again")
+    return found
 
 
 def predict(trained: Trained, films: Films, masks: np.ndarray | None = None, *, progress: bool = False

@@ -33,8 +33,8 @@ from ..runfolder import RunFolder
 from ..stats.bootstrap import f1_interval, paired_f1_difference
 from ..stats.decision import stratified_halves
 from ..stats.metrics import classification_metrics, macro_f1
-from ..xrays.submission import (OOF_FILE, PROB_COLUMNS, TEST_COLUMNS, TEST_FILE, VAL_COLUMNS, VAL_FILE,
-                                submission_frame, test_frame, val_frame, write_predictions)
+from ..xrays.submission import (OOF_FILE, PROB_COLUMNS, TEST_FILE, VAL_FILE, read_run_table, submission_frame,
+                                test_frame, val_frame, write_predictions)
 
 METHODS: tuple[str, ...] = ("mean", "weighted", "vote")
 #: Greedy selection rounds for ``weighted`` (Caruana et al. find the curve flat after a few dozen).
@@ -94,33 +94,6 @@ class Aligned(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # Loading and alignment
 # --------------------------------------------------------------------------------------------------
-def _read_table(path: Path, run: str, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise LungsError(f"run {run} has no {path.name} ({path}): run its notebook to the end first")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
-        raise LungsError(f"{path} is empty or not a readable CSV; re-run the notebook of run {run}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise LungsError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(columns)}); "
-                         f"re-run the notebook of run {run} with the current lungs_utils")
-    frame = frame.loc[:, list(columns)]
-    for col in columns:
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = values.isna().to_numpy()
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise LungsError(f"{path}: line {i + 2}: {col} {frame[col].iloc[i]!r} is not a number; "
-                             f"re-run the notebook of run {run}")
-        frame[col] = values
-    frame["id"] = frame["id"].astype(np.int64)
-    if frame["id"].duplicated().any():
-        dup = int(frame["id"][frame["id"].duplicated()].iloc[0])
-        raise LungsError(f"{path}: id {dup} appears twice; re-run the notebook of run {run}")
-    return frame.sort_values("id", kind="stable").reset_index(drop=True)
-
-
 def load_member(run_dir: str | os.PathLike[str]) -> Member:
     """Read a run folder's ``val_predictions.csv`` and ``test_predictions.csv``."""
     run_dir = Path(run_dir)
@@ -128,11 +101,13 @@ def load_member(run_dir: str | os.PathLike[str]) -> Member:
     if not run_dir.is_dir():
         raise LungsError(f"run folder {run_dir} does not exist; pass folders under outputs/ "
                          "(see `lungs leaderboard`)")
-    val = _read_table(run_dir / VAL_FILE, name, VAL_COLUMNS)
-    val[["true", "predicted"]] = val[["true", "predicted"]].astype(np.int64)
-    test = _read_table(run_dir / TEST_FILE, name, TEST_COLUMNS)
-    return Member(name=name, val=val, test=test, run_dir=run_dir, model=_model_of(run_dir),
-                  oof=(run_dir / OOF_FILE).is_file())
+    val = read_run_table(run_dir, VAL_FILE)
+    test = read_run_table(run_dir, TEST_FILE)
+    oof = (run_dir / OOF_FILE).is_file()
+    if oof and not np.array_equal(read_run_table(run_dir, OOF_FILE)["id"], val["id"]):
+        raise LungsError(f"{run_dir / OOF_FILE} and {VAL_FILE} of run {name} hold different images; the run's "
+                         "predictions are damaged: predict again (continue the run with -p resume=true)")
+    return Member(name=name, val=val, test=test, run_dir=run_dir, model=_model_of(run_dir), oof=oof)
 
 
 def _model_of(run_dir: Path) -> str | None:

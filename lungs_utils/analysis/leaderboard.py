@@ -15,6 +15,7 @@ Runs on other images than any other run cannot be compared that way and leave it
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import LungsError
+from ..errors import DataWarning, LungsError
 from ..io import atomic_write_csv
 from ..paths import named_run, outputs_dir
 from ..runfolder import ENSEMBLE, METRICS_FILE, SEGMENTATION, RunFolder
 from ..stats.bootstrap import Interval, f1_interval, paired_f1_difference
-from ..xrays.submission import TEST_FILE, VAL_FILE
+from ..xrays.submission import TEST_FILE, VAL_FILE, read_run_table
 
 LEADERBOARD_FILE = "leaderboard.csv"
 #: Columns every leaderboard has, in display order.
 CORE_COLUMNS = ("run", "model", "val_macro_f1", "val_f1_low", "val_f1_high", "vs_best", "gap_to_best", "gap_low",
                 "gap_high", "val_images", "val_set", "val_accuracy", "epochs", "best_epoch", "train_minutes",
                 "images_per_s", "wall_minutes", "lung_share", "lungs_blanked_f1", "audit", "ece", "status", "data",
-                "started")
+                "started", "time_cut")
 #: Params never worth a column: they name the run rather than describe it.
 _NOT_COMPARED = {"run_name", "output_dir", "notebook", "data_dir", "cache_dir", "resume", "overwrite", "runs",
                  "model"}
@@ -48,8 +49,14 @@ def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:
     root = Path(root) if root is not None else outputs_dir()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / METRICS_FILE).is_file()
-                  and RunFolder(p).kind != SEGMENTATION)
+    found = []
+    for folder in map(RunFolder, sorted(p for p in root.iterdir() if p.is_dir() and (p / METRICS_FILE).is_file())):
+        if not folder.metrics:
+            warnings.warn(f"{folder.path / METRICS_FILE} is damaged (not a readable JSON object): run {folder.name} is "
+                          "left out of the leaderboard; predict again with -p resume=true", DataWarning, stacklevel=2)
+        elif folder.kind != SEGMENTATION:
+            found.append(folder.path)
+    return found
 
 
 def _history_stats(run_dir: Path) -> dict[str, float]:
@@ -58,7 +65,11 @@ def _history_stats(run_dir: Path) -> dict[str, float]:
         return {}
     try:
         history = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError):
+        if not {"epoch", "train_seconds"} <= set(history.columns):
+            raise ValueError("no epoch or train_seconds column")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, UnicodeDecodeError, ValueError) as exc:
+        warnings.warn(f"{path} is damaged ({type(exc).__name__}): its epochs and minutes are left out of the "
+                      "leaderboard", DataWarning, stacklevel=2)
         return {}
     if history.empty:
         return {}
@@ -97,12 +108,15 @@ def _audit_columns(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _val_labels(run_dir: Path) -> pd.DataFrame | None:
     """``id, true, predicted`` of a run's validation (or out-of-fold) predictions, sorted by id; None when
-    the file is missing or broken."""
-    try:
-        frame = pd.read_csv(run_dir / VAL_FILE, usecols=["id", "true", "predicted"])
-    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+    the file is missing, and when it is damaged one warning line names it (the row then has no interval
+    and no comparison: a broken file must neither hide the leaderboard nor be used)."""
+    if not (run_dir / VAL_FILE).is_file():
         return None
-    return frame.astype(np.int64).sort_values("id", kind="stable").reset_index(drop=True)
+    try:
+        return read_run_table(run_dir, VAL_FILE)[["id", "true", "predicted"]]
+    except LungsError as exc:
+        warnings.warn(str(exc), DataWarning, stacklevel=2)
+        return None
 
 
 def _interval(metrics: dict[str, Any], labels: pd.DataFrame | None) -> tuple[float, float]:
@@ -113,6 +127,14 @@ def _interval(metrics: dict[str, Any], labels: pd.DataFrame | None) -> tuple[flo
         return np.nan, np.nan
     found = f1_interval(labels["true"], labels["predicted"])
     return found.low, found.high
+
+
+def _time_cut(metrics: dict[str, Any]) -> str:
+    """When the time ran out (``time_limit`` or SIGTERM): why, and what the predictions come from."""
+    record = metrics.get("time_limit") or {}
+    if not record.get("cut"):
+        return ""
+    return f"{record['cut']}: {len(record.get('parts_used', []))} of {record.get('parts', '?')} part(s) used"
 
 
 def row_for(run_dir: Path) -> dict[str, Any]:
@@ -144,6 +166,7 @@ def row_for(run_dir: Path) -> dict[str, Any]:
         "status": info.get("status", "ok" if metrics else "?"),
         "data": "phantom" if synthetic else ("real" if synthetic is False else ""),
         "started": info.get("started", ""),
+        "time_cut": _time_cut(metrics),
     }
     row.update({k: v for k, v in _history_stats(run_dir).items() if not is_ensemble})
     for key, value in params.items():

@@ -194,8 +194,11 @@ def _kaggle_kernel(args: argparse.Namespace) -> int:
     from ..competition.bundle import bundle_params
     from ..engine.estimate import kaggle
 
-    expected = kaggle(bundle_params(args.params, args.param, args.gpus), gpus=args.gpus)
+    baked = bundle_params(args.params, args.param, args.gpus)
+    expected = kaggle(baked, gpus=args.gpus)
     print(expected["line"])
+    print(f"time_limit {baked['time_limit']:g} min: training stops at a clean point in time to write a submission "
+          "before Kaggle's session ends (-p time_limit=... to change it)")
     if expected["warning"]:
         print(expected["warning"], file=sys.stderr)
     if args.push:

@@ -165,6 +165,9 @@ def _user(user: str | None) -> str:
     return user
 
 
+#: The time_limit a bundle bakes in unless told otherwise (minutes): Kaggle's 12-hour session, less 45 minutes
+#: for starting the kernel, decoding the data and writing the outputs.
+KAGGLE_TIME_LIMIT = 12 * 60 - 45.0
 #: Kaggle's machine with two GPUs ("GPU T4 x2" in the editor) as ``kernel-metadata.json`` names it.
 TWO_GPU_SHAPE = "NvidiaTeslaT4"
 #: The classifier notebooks' training call, which a two-GPU bundle makes launch torchrun.
@@ -286,13 +289,16 @@ def model_names() -> list[str]:
 
 def bundle_params(params_path: str | os.PathLike[str], overrides: Iterable[str] | Mapping[str, Any] = (),
                   gpus: int = 1) -> dict[str, Any]:
-    """The params a bundle bakes in: the file (found as ``lungs run`` finds it) with the overrides, and
-    torchrun over both GPUs with ``gpus=2``."""
+    """The params a bundle bakes in: the file (found as ``lungs run`` finds it) with the overrides, torchrun
+    over both GPUs with ``gpus=2``, and unless given a ``time_limit`` of :data:`KAGGLE_TIME_LIMIT` minutes,
+    so that a recipe too long for Kaggle's session still ends with a submission."""
     from .. import params as params_mod
 
     values = params_mod.load(_params_file(params_path), overrides)
     if gpus > 1:
         values.update(distributed=True, nproc_per_node=gpus)
+    if values["time_limit"] is None:
+        values["time_limit"] = KAGGLE_TIME_LIMIT
     return values
 
 

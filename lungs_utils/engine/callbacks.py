@@ -16,16 +16,20 @@ files does so on rank 0 only (``state.rank == 0``). :func:`default_callbacks` is
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import torch
 
-from .checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
-                         set_rng_state, unwrap)
 from ..io import atomic_write_csv
 from ..progress import bar
+from .checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
+                         set_rng_state, unwrap)
+from .deadline import SIGTERM, TIME_LIMIT, sigterm_received
+from .distributed import broadcast_from_first
 
 if TYPE_CHECKING:
     from .state import FitState
@@ -112,6 +116,27 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, s: FitState) -> None:
         if s.bad_epochs >= self.patience:
             s.stop, s.stopped_early = f"no better val {s.task.score} in {self.patience} epochs", True
+
+
+class Deadline(Callback):
+    """Stop when the time is up (:mod:`lungs_utils.engine.deadline`): after an epoch, when the next one would
+    end after ``at`` (a ``time.time()``; judged by the last epoch's length), or when SIGTERM came during
+    its validation. Under torchrun every rank takes rank 0's view, so they stop together."""
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+
+    def on_epoch_end(self, s: FitState) -> None:
+        row = s.history[-1]
+        last = s.epoch >= s.params["epochs"]  # the part is done: nothing to cut (the next part's deadline judges)
+        late = self.at is not None and not last and \
+            time.time() + row["train_seconds"] + row.get("val_seconds", 0.0) > self.at
+        reason = SIGTERM if sigterm_received() else TIME_LIMIT if late else None
+        if s.world > 1:  # one decision for every rank, or the next epoch's collectives would hang
+            flag = torch.tensor([0 if reason is None else 1 if reason == TIME_LIMIT else 2], device=s.device)
+            reason = (None, TIME_LIMIT, SIGTERM)[int(broadcast_from_first(flag))]
+        if reason is not None:
+            s.stop = s.cut = reason
 
 
 class StopAfter(Callback):
@@ -223,9 +248,10 @@ def scalar_tags(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def default_callbacks(params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None, *,
-                      progress: bool = True, stop_after: int | None = None) -> list[Callback]:
+                      progress: bool = True, stop_after: int | None = None,
+                      deadline: float | None = None) -> list[Callback]:
     """What ``fit`` runs unless told otherwise: files only with a run folder; early stopping with
-    ``patience``; TensorBoard unless ``tensorboard: false``."""
+    ``patience``; TensorBoard unless ``tensorboard: false``; the time budget (``deadline``, and SIGTERM)."""
     callbacks: list[Callback] = []
     if run_dir is not None:
         callbacks += [Checkpoint(run_dir), History(run_dir)]
@@ -235,6 +261,7 @@ def default_callbacks(params: Mapping[str, Any], run_dir: str | os.PathLike[str]
         callbacks.append(EarlyStopping(params["patience"]))
     if stop_after is not None:
         callbacks.append(StopAfter(stop_after))
+    callbacks.append(Deadline(deadline))
     if progress:
         callbacks.append(ProgressBar())
     return callbacks + [Log()]

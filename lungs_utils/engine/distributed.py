@@ -50,6 +50,13 @@ def is_main_process() -> bool:
     return rank_and_world()[0] == 0
 
 
+def broadcast_from_first(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (itself outside torchrun)."""
+    if rank_and_world()[1] > 1:
+        dist.broadcast(t, src=0)
+    return t
+
+
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over every process, in place (itself outside torchrun)."""
     if rank_and_world()[1] > 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import time
@@ -55,6 +56,15 @@ class Estimate:
         parts = ", ".join(f"{name} {_minutes(s)}" for name, s in self.parts.items() if s >= 0.5) or "every part under a second"
         return (f"estimate: about {_minutes(self.seconds)} on {self.machine}: {parts}; {self.plan}"
                 + (f" ({self.measured})" if self.measured and detail else ""))
+
+    def to_json(self) -> str:
+        """The estimate as one JSON line (handed to a notebook's kernel or torchrun's workers)."""
+        return json.dumps({"seconds": self.seconds, "parts": self.parts, "machine": self.machine, "plan": self.plan,
+                           "measured": self.measured})
+
+    @classmethod
+    def from_json(cls, text: str) -> Estimate:
+        return cls(**json.loads(text))
 
 
 def _minutes(seconds: float) -> str:
@@ -300,15 +310,17 @@ def kaggle(params: Mapping[str, Any], n_train: int = 27_000, n_test: int = 6_920
                      + f" for {params['epochs']} epochs{f' x {parts} folds' if parts > 1 else ''} on {n_train} "
                      f"films; projected from measured H200 throughput ({base} for training), scaled by forward "
                      f"GFLOPs and a {T4_SLOWDOWN:g}x T4 slowdown that no T4 has confirmed yet"),
-            "warning": (f"warning: that is over Kaggle's {KAGGLE_LIMIT_H:g}-hour session limit, so the notebook would "
-                        "be stopped: use fewer epochs or folds, a smaller model or image_size, or --gpus 2")
+            "warning": (f"warning: that is over Kaggle's {KAGGLE_LIMIT_H:g}-hour session limit: the run will stop at its "
+                        "time_limit and submit what it has trained by then; for the whole recipe use fewer epochs or "
+                        "folds, a smaller model or image_size, or --gpus 2")
             if hours > KAGGLE_LIMIT_H else ""}
 
 
-def announce(params: Mapping[str, Any], data: Any) -> str:
+def announce(params: Mapping[str, Any], data: Any) -> Estimate:
     """Print (and return) the run's estimate: the one ``lungs run`` measured and handed to this notebook's
     kernel (:data:`lungs_utils.paths.ESTIMATE_ENV`), else measured here on ``data`` (a
     :class:`~lungs_utils.xrays.data.LungsData`)."""
-    line = os.environ.get(ESTIMATE_ENV) or measure(params, len(data.train), len(data.test), data.image_size).line()
-    print(line, flush=True)
-    return line
+    handed = os.environ.get(ESTIMATE_ENV)
+    found = Estimate.from_json(handed) if handed else measure(params, len(data.train), len(data.test), data.image_size)
+    print(found.line(), flush=True)
+    return found

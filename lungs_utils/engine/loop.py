@@ -32,6 +32,7 @@ from ..progress import bar
 from ..xrays import presets
 from .callbacks import Callback, default_callbacks
 from .checkpoint import unwrap
+from .deadline import SIGTERM, TimeUp, sigterm_received
 from .device import autocast_dtype, seed_everything, select_device
 from .distributed import all_sum, rank_and_world
 from .inference import infer
@@ -54,6 +55,7 @@ class TrainResult:
     train_images_per_s: float
     device: str
     checkpoints: dict[str, Path] = field(default_factory=dict)
+    cut: str | None = None  # the time ran out before the last epoch (deadline.TIME_LIMIT or SIGTERM)
 
 
 def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, params: Mapping[str, Any],
@@ -176,6 +178,8 @@ def train_one_epoch(s: FitState, epoch: int, *, progress: bool = False) -> dict[
     meter = s.task.meter(s.device)
     n_seen = 0
     for x, y, _ in bar(s.loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or s.rank != 0):
+        if s.world == 1 and sigterm_received():
+            raise TimeUp(SIGTERM)  # the epoch in progress is dropped: last.pt holds the one before
         y = y.to(s.device, non_blocking=True)
         loss, out, target = train_step(s.net, x, y, params, loss_fn=s.loss_fn, optimizer=s.optimizer,
                                        scaler=s.scaler, scheduler=s.scheduler, mixer=s.mixer,
@@ -200,7 +204,7 @@ def train_one_epoch(s: FitState, epoch: int, *, progress: bool = False) -> dict[
 def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset,
         params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None = None, *,
         progress: bool = True, stop_after: int | None = None, task: Task = CLASSIFICATION,
-        callbacks: Sequence[Callback] | None = None) -> TrainResult:
+        callbacks: Sequence[Callback] | None = None, deadline: float | None = None) -> TrainResult:
     """Train ``model`` and return its history; leaves the best epoch's weights in ``model``.
 
     Each epoch: :func:`train_one_epoch`, :func:`evaluate` on the whole validation set, then the
@@ -208,16 +212,23 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
     ``history.csv``, ``checkpoints/last.pt`` (full state, for exact resume with ``params['resume']``),
     ``checkpoints/best.pt`` (best validation ``task.score``: macro-F1, or Dice for lung masks) and
     TensorBoard logs in ``tb/``. ``stop_after`` ends this call after that many epochs (the schedule
-    still spans ``params['epochs']``), for time-boxed sessions that resume later.
+    still spans ``params['epochs']``), for time-boxed sessions that resume later. ``deadline`` (a
+    ``time.time()``) stops after the last epoch that ends before it, and SIGTERM (under
+    :func:`lungs_utils.engine.deadline.sigterm_stops_training`) at once, dropping the epoch in progress;
+    ``result.cut`` says so.
     """
     started = time.perf_counter()
     s = start_fit(model, train_ds, params, task)
-    callbacks = default_callbacks(params, run_dir, progress=progress, stop_after=stop_after) \
+    callbacks = default_callbacks(params, run_dir, progress=progress, stop_after=stop_after, deadline=deadline) \
         if callbacks is None else list(callbacks)
     for callback in callbacks:
         callback.on_fit_start(s)
     for epoch in range(s.epoch, params["epochs"]):
-        row = train_one_epoch(s, epoch, progress=progress)
+        try:
+            row = train_one_epoch(s, epoch, progress=progress)
+        except TimeUp as up:
+            s.stop = s.cut = str(up)
+            break
         t1 = time.perf_counter()
         # The plain module, not the DDP wrapper: DDP's per-forward buffer broadcast would deadlock
         # when ranks hold different numbers of validation batches.
@@ -234,4 +245,5 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         unwrap(s.model).load_state_dict(s.best_state)
     return TrainResult(pd.DataFrame(s.history), s.best_metrics, s.best_epoch, len(s.history), s.stopped_early,
                        time.perf_counter() - started,
-                       s.images_seen / s.train_seconds if s.train_seconds else 0.0, str(s.device), s.checkpoints)
+                       s.images_seen / s.train_seconds if s.train_seconds else 0.0, str(s.device), s.checkpoints,
+                       s.cut)

@@ -44,6 +44,7 @@ class FitState:
     best_state: dict[str, torch.Tensor] | None = None  # the best weights of this call, in memory
     improved: bool = False
     stop: str | None = None  # set by a callback: why the loop ends now
+    cut: str | None = None  # the time ran out (deadline.TIME_LIMIT or deadline.SIGTERM): training was cut short
     stopped_early: bool = False
     images_seen: int = 0
     train_seconds: float = 0.0

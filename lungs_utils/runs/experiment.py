@@ -30,6 +30,7 @@ import torch
 from .. import models, paths
 from ..analysis import audit as audit_mod
 from ..engine.checkpoint import load_model
+from ..engine.deadline import plan, sigterm_stops_training
 from ..engine.device import select_device
 from ..engine.distributed import is_main_process, launched_by_torchrun
 from ..engine.estimate import announce
@@ -66,6 +67,7 @@ class Experiment:
     parts: list[Part]
     result: TrainResult | CVResult | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)  # when the run began: its time_limit counts from here
 
     @property
     def cv(self) -> int | None:
@@ -115,6 +117,7 @@ def _datasets(data: data_mod.LungsData, rows: pd.DataFrame, params: Mapping[str,
 def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
     """Load (and cache) the data, make the split, the test set and the parts (datasets and a model each,
     fold ``k`` seeded ``seed + k``); write ``params.yaml``, ``split.csv`` and ``polarity.json``."""
+    started = time.time()
     params = dict(params)
     run_dir = paths.run_dir(params)
     # Cheap checks first: a typo must not wait for the whole dataset to be decoded.
@@ -130,13 +133,14 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
     parts = parts_mod.make_parts(params, run_dir, split, lambda rows: _datasets(data, rows, params, masks)[:2],
                                  lambda: models.for_params(params))
     if is_main_process():
+        parts_mod.check_room(run_dir, parts, len(data.train) + len(data.test))
         paths.make_run_dir(params)
         dump(params, run_dir / PARAMS_FILE)
         split.write(run_dir / SPLIT_FILE)
         if data.polarity is not None:
             data.polarity.save(run_dir / POLARITY_FILE, {"train": data.train.ids[data.inverted_train],
                                                          "test": data.test.ids[data.inverted_test]})
-    return Experiment(params, run_dir, data, split, test, parts)
+    return Experiment(params, run_dir, data, split, test, parts, started=started)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -145,16 +149,19 @@ def train(exp: Experiment, *, progress: bool = True, stop_after: int | None = No
     cross-validation run, one after the other. With ``distributed: true`` and ``nproc_per_node`` > 1,
     outside torchrun, the training runs in that many torchrun processes and the best weights and histories
     are read back, so the notebook goes on as after a single-process run. ``stop_after`` ends this call
-    after that many epochs (over all folds)."""
+    after that many epochs (over all folds). With ``time_limit`` (minutes from :func:`prepare`) training
+    stops at a clean point in time to predict, and so does SIGTERM (:mod:`lungs_utils.engine.deadline`)."""
     p = exp.params
-    expected = announce(p, exp.data) if is_main_process() else ""
+    expected = announce(p, exp.data) if is_main_process() else None
     if p["distributed"] and p["nproc_per_node"] > 1 and not launched_by_torchrun():
-        torchrun.launch(exp.run_dir, p["nproc_per_node"], expected)
+        torchrun.launch(exp.run_dir, p["nproc_per_node"], expected.to_json() if expected else "")
         device = f"{p['nproc_per_node']} x {next(exp.parts[0].model.parameters()).device}"
         for part in exp.parts:
             part.result = parts_mod.read_back(part, device)
     else:
-        parts_mod.train_parts(exp.parts, CLASSIFICATION, progress=progress, stop_after=stop_after)
+        with sigterm_stops_training():
+            parts_mod.train_parts(exp.parts, CLASSIFICATION, progress=progress, stop_after=stop_after,
+                                  deadline=plan(p, expected, exp.started))
     exp.result = parts_mod.result_of(exp.parts)
     return exp.result
 
@@ -175,12 +182,11 @@ class Pooled:
 
 
 def predict(exp: Experiment, *, progress: bool = True) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Every part's held-out and test probabilities (the run's prediction settings, TTA included):
-    ``[(val ids, val probs, test ids, test probs), ...]``."""
-    parts_mod.require_trained(exp.parts, exp.params["run_name"])
+    """Every usable part's held-out and test probabilities (the run's prediction settings, TTA included):
+    ``[(val ids, val probs, test ids, test probs), ...]`` in the order of :func:`~lungs_utils.runs.parts.usable`."""
     settings = PredictSettings.from_params(exp.params)
     out = []
-    for part in exp.parts:
+    for part in parts_mod.usable(exp.parts, exp.params["run_name"]):
         val_ids, val_probs = predict_proba(part.model, part.val, settings, progress=progress)
         test_ids, test_probs = predict_proba(part.model, exp.test, settings, progress=progress)
         out.append((val_ids, val_probs, test_ids, test_probs))
@@ -217,6 +223,7 @@ def score(exp: Experiment, pooled: Pooled) -> dict[str, Any]:
             return probs
         return calibration.apply_temperature(probs, calibrated["temperature"]).astype(np.float32)
 
+    used = parts_mod.usable(exp.parts, p["run_name"])
     val_probs = calibrate(pooled.val_raw)
     fold_tests = [calibrate(t) for t in pooled.test_raw]
     has_test = len(pooled.test_ids) > 0
@@ -229,7 +236,8 @@ def score(exp: Experiment, pooled: Pooled) -> dict[str, Any]:
         "run_name": p["run_name"], "model": p["model"],
         "val_macro_f1": scores["macro_f1"], "val_accuracy": scores["accuracy"],
         "val_macro_f1_ci": [ci.low, ci.high] if ci else None,
-        "val_set": f"out-of-fold ({exp.cv} folds, every train image)" if exp.cv else "validation split",
+        "val_set": (f"out-of-fold ({exp.cv} folds, every train image)" if exp.cv and len(used) == exp.cv else
+                    f"out-of-fold ({len(used)} of {exp.cv} folds: the time ran out)" if exp.cv else "validation split"),
         "per_class": scores["per_class"], "confusion_matrix": scores["confusion_matrix"],
         "tta": p["tta"], "n_val": int(len(y)), "n_test": int(len(pooled.test_ids)),
         "image_shape": list(exp.data.image_size),
@@ -238,7 +246,8 @@ def score(exp: Experiment, pooled: Pooled) -> dict[str, Any]:
         "synthetic_data": exp.data.synthetic,
         "decision": tuned,
         "calibration": calibrated,
-        "cv": _cv_summary(exp, pooled.val_fold, y, val_probs, p["seed"]) if exp.cv else None,
+        "cv": _cv_summary(used, pooled.val_fold, y, val_probs, p["seed"]) if exp.cv else None,
+        "time_limit": parts_mod.time_record(exp.parts, used, p),
     }
     frame = val_frame(pooled.val_ids, y, val_probs)
     submission = None
@@ -256,11 +265,11 @@ def write(exp: Experiment, scored: Mapping[str, Any], test_ids: np.ndarray) -> N
         return
     summary, val, fold = scored["metrics"], scored["val"], scored["val_fold"]
     if exp.cv:
-        for part in exp.parts:
+        for i, part in enumerate(parts_mod.usable(exp.parts, exp.params["run_name"])):
             rows = fold == part.index
             write_predictions(part.folder, val=val[rows],
-                              test=test_frame(test_ids, scored["fold_tests"][part.index]) if len(test_ids) else None)
-            atomic_write_text(part.folder / METRICS_FILE, json.dumps(summary["cv"]["folds"][part.index], indent=2))
+                              test=test_frame(test_ids, scored["fold_tests"][i]) if len(test_ids) else None)
+            atomic_write_text(part.folder / METRICS_FILE, json.dumps(summary["cv"]["folds"][i], indent=2))
         atomic_write_csv(exp.result.history, exp.run_dir / HISTORY_FILE)
     write_predictions(exp.run_dir, val=val, test=scored["test"], submission=scored["submission"], oof=scored["oof"])
     atomic_write_text(exp.run_dir / METRICS_FILE, json.dumps(summary, indent=2))
@@ -279,11 +288,11 @@ def predict_and_save(exp: Experiment, *, progress: bool = True) -> dict[str, Any
     return scored["metrics"]
 
 
-def _cv_summary(exp: Experiment, val_fold: np.ndarray, y: np.ndarray, probs: np.ndarray, seed: int
+def _cv_summary(used: list[Part], val_fold: np.ndarray, y: np.ndarray, probs: np.ndarray, seed: int
                 ) -> dict[str, Any]:
     """Per-fold figures of a cross-validation run (each fold's own held-out images) and their spread."""
     folds = []
-    for part in exp.parts:
+    for part in used:
         rows = val_fold == part.index
         ci = f1_interval(y[rows], probs[rows].argmax(axis=1), seed=seed)
         folds.append({"fold": part.index, "n_val": int(rows.sum()), "val_macro_f1": ci.value,
@@ -311,15 +320,17 @@ def audit(exp: Experiment, *, progress: bool = True) -> dict[str, Any] | None:
     settings = PredictSettings.from_params(p).without_tta()
     t0 = time.perf_counter()
     tables, source = [], ""
-    for part in exp.parts:
+    # A reopened run (lungs audit) holds the parts it predicted with, trained elsewhere.
+    used = exp.parts if all(part.result is None for part in exp.parts) else parts_mod.usable(exp.parts, p["run_name"])
+    for part in used:
         table, source = audit_mod.model_figures(part.model, exp.data, part.val, p, settings, progress=progress)
         if table is None:
             break
         tables.append(table)
-    if len(tables) < len(exp.parts):
+    if len(tables) < len(used):
         result, pooled = {"status": "skipped", "reason": source}, None
     else:
-        pooled = audit_mod.pool(tables, range(len(tables)) if exp.cv else None)
+        pooled = audit_mod.pool(tables, [part.index for part in used] if exp.cv else None)
         result = audit_mod.assess(pooled, source, seed=p["seed"], seconds=time.perf_counter() - t0)
     metrics_path = exp.run_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
@@ -340,7 +351,11 @@ def reopen(run: str | Path, *, progress: bool = True) -> Experiment:
     RUN``)."""
     folder = RunFolder(paths.named_run(run))
     params = folder.load_params()
-    if folder.kind not in ("classifier", "cv") or not folder.trained or not (folder.path / SPLIT_FILE).is_file():
+    # A run whose time ran out predicted with some folds only: those are the ones it audits.
+    used = (folder.metrics.get("time_limit") or {}).get("parts_used") or list(range(len(folder.parts)))
+    checkpoints = folder.checkpoints()
+    if folder.kind not in ("classifier", "cv") or not all(checkpoints[k].is_file() for k in used) or \
+            not (folder.path / SPLIT_FILE).is_file():
         where = " in every fold_<k>/" if params["cv"] else ""
         raise LungsError(f"{folder.path} holds no trained classifier ({CHECKPOINTS}/{BEST}{where} and {SPLIT_FILE}); "
                          "the audit needs a finished classifier run")
@@ -352,10 +367,11 @@ def reopen(run: str | Path, *, progress: bool = True) -> Experiment:
                          "run was made on other data; set data_dir (or LUNGS_DATA_DIR) to that data")
     device = select_device(params["device"])
     masks = _mask_arrays(data, params, progress)
-    built = iter([load_model(params, c, device) for c in folder.checkpoints()])
+    built = iter([load_model(params, c, device) if k in used else None for k, c in enumerate(checkpoints)])
     parts = parts_mod.make_parts(params, folder.path, split, lambda rows: _datasets(data, rows, params, masks)[:2],
                                  lambda: next(built))
-    return Experiment(params, folder.path, data, split, _datasets(data, split.part(0), params, masks)[2], parts)
+    return Experiment(params, folder.path, data, split, _datasets(data, split.part(0), params, masks)[2],
+                      [p for p in parts if p.index in used])
 
 
 def run(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:

@@ -10,6 +10,7 @@ part resumes in that part (``resume``), the finished ones only reload.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,9 +102,47 @@ def make_parts(params: Mapping[str, Any], run_dir: Path, split: Split,
     return parts
 
 
-def train_parts(parts: list[Part], task: Task, *, progress: bool = True, stop_after: int | None = None) -> None:
+#: Room a run needs besides its checkpoints: histories, TensorBoard events, figures, predictions (bytes);
+#: per image for prediction tables, and per image for a segmentation run's mask PNGs (256 px: 1-3 KB).
+ROOM_FIXED, ROOM_PER_IMAGE, ROOM_PER_MASK = 16 << 20, 400, 4 << 10
+
+
+def checkpoint_bytes(part: Part) -> int:
+    """A part's two checkpoints: ``best.pt`` (the weights) and ``last.pt`` (the weights and two optimizer
+    moments each)."""
+    weights = sum(t.numel() * t.element_size() for t in part.model.state_dict().values())
+    return 4 * weights
+
+
+def room_needed(parts: list[Part], images: int, masks: bool = False) -> int:
+    """Bytes a run will write: every part's checkpoints with a margin of a quarter, and the rest
+    (:data:`ROOM_FIXED`, prediction tables, mask PNGs)."""
+    checkpoints = sum(checkpoint_bytes(p) for p in parts)
+    return int(1.25 * checkpoints) + ROOM_FIXED + images * (ROOM_PER_IMAGE + (ROOM_PER_MASK if masks else 0))
+
+
+def check_room(run_dir: Path, parts: list[Part], images: int, masks: bool = False) -> None:
+    """Before anything is written: refuse a run whose checkpoints and predictions will not fit on the disk
+    of ``run_dir``, with the figures (a full disk mid-run would cost the epochs trained until then)."""
+    need = room_needed(parts, images, masks)
+    where = next((f for f in (run_dir, *run_dir.parents) if f.exists()), run_dir)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if free < need:
+        raise LungsError(f"run folder {run_dir} needs about {need / 2**20:.0f} MB ({len(parts)} model(s) with "
+                         f"{checkpoint_bytes(parts[0]) / 2**20:.1f} MB of checkpoints each, predictions, logs) but "
+                         f"{free / 2**20:.0f} MB are free on that disk: free space, or point LUNGS_OUTPUTS (or "
+                         "output_dir) at a disk with room")
+
+
+def train_parts(parts: list[Part], task: Task, *, progress: bool = True, stop_after: int | None = None,
+                deadline: float | None = None) -> None:
     """Fit every part's model in turn (its history and checkpoints in its folder). ``stop_after`` ends the
-    call after that many epochs, counted over all parts; the next parts then wait for a resume."""
+    call after that many epochs, counted over all parts; the next parts then wait for a resume. When the
+    time runs out (``deadline``, or SIGTERM: :mod:`lungs_utils.engine.deadline`) the part in training stops
+    at a clean point and the next ones are skipped (:func:`usable` says what the run predicts with)."""
     say = print if is_main_process() else (lambda *a, **k: None)
     several = len(parts) > 1
     budget = stop_after
@@ -118,10 +157,16 @@ def train_parts(parts: list[Part], task: Task, *, progress: bool = True, stop_af
         t0 = time.perf_counter()
         before = part.epochs_done() if budget is not None else 0
         part.result = fit(part.model, part.train, part.val, part.params, part.folder, progress=progress,
-                          stop_after=budget, task=task)
+                          stop_after=budget, task=task, deadline=deadline)
         seconds = time.perf_counter() - t0
         if budget is not None:
             budget -= part.result.epochs_run - before
+        if part.result.cut:
+            skipped = [p.folder.name for p in parts[part.index + 1:]]
+            say(f"{part.result.cut}: the time is up; {name} stopped after epoch {part.result.epochs_run} of "
+                f"{part.params['epochs']}" + (f", {', '.join(skipped)} skipped" if skipped else "")
+                + "; predicting with what is trained", flush=True)
+            break
         if not part.finished:
             break  # stopped inside this part (stop_after): the next parts wait for the resume
         if not several:
@@ -134,13 +179,40 @@ def train_parts(parts: list[Part], task: Task, *, progress: bool = True, stop_af
             f"(epoch {part.result.best_epoch}), {seconds / 60:.1f} min{eta}", flush=True)
 
 
-def require_trained(parts: list[Part], run_name: str) -> None:
-    """One error line naming the first part that has not finished training."""
+def usable(parts: list[Part], run_name: str) -> list[Part]:
+    """The parts a run predicts with: all of them once trained; after the time ran out, the parts that
+    finished, else the one cut short (its best checkpoint so far). Otherwise one error line naming the first
+    part that has not finished training."""
+    if any(p.result is not None and p.result.cut for p in parts):
+        done = [p for p in parts if p.finished] or [p for p in parts if p.result is not None and p.result.best_epoch]
+        if not done:
+            raise LungsError(f"run {run_name}: the time ran out before its first epoch ended, so there is nothing to "
+                             "predict with; raise time_limit, or continue the run later with -p resume=true")
+        return done
     untrained = [p.index for p in parts if not p.finished]
     if untrained:
         where = f"fold {untrained[0]} of run {run_name}" if len(parts) > 1 else f"run {run_name}"
         count = f" ({len(untrained)} of {len(parts)} folds)" if len(parts) > 1 else ""
         raise LungsError(f"{where} is not trained yet{count}; continue the run with resume = True (-p resume=true)")
+    return parts
+
+
+def time_record(parts: list[Part], used: list[Part], params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``metrics.json["time_limit"]``: the budget, and when the time ran out (``cut``: time_limit or SIGTERM)
+    what was skipped and which parts the predictions come from; None without a budget or a cut."""
+    cut = next((p.result.cut for p in parts if p.result is not None and p.result.cut), None)
+    if not params.get("time_limit") and cut is None:
+        return None
+    skipped = []
+    for p in parts:
+        if p.result is None:
+            skipped.append(f"{p.folder.name} not trained")
+        elif not p.finished:
+            kept = "used" if p in used else "not used"
+            skipped.append(f"{p.folder.name} after epoch {p.result.epochs_run} of {p.params['epochs']} (its best "
+                           f"epoch {p.result.best_epoch}, {kept})")
+    return {"minutes": params.get("time_limit"), "cut": cut, "skipped": "; ".join(skipped),
+            "parts_used": [p.index for p in used], "parts": len(parts)}
 
 
 def result_of(parts: list[Part]) -> TrainResult | CVResult:

@@ -31,6 +31,7 @@ from ..runfolder import KERNEL_LOG, METRICS_FILE, PARAMS_FILE
 from .provenance import machine, write_run_json
 
 if TYPE_CHECKING:
+    from ..engine.estimate import Estimate
     from ..stats.bootstrap import Interval
 
 _PATH_KEYS = ("data_dir", "cache_dir", "output_dir")
@@ -113,13 +114,18 @@ def trains(notebook: str) -> bool:
     return "experiment.train(" in text or "segmentation.train_folds(" in text
 
 
-def estimate_line(values: Mapping[str, Any], progress: bool = False, detail: bool = False) -> str | None:
-    """The expected minutes of a run that trains (:mod:`lungs_utils.engine.estimate`), measured here
-    (``detail``: with what was timed); None for the notebooks that train nothing (data, ensemble,
-    leaderboard, explore)."""
+def estimate(values: Mapping[str, Any], progress: bool = False) -> Estimate | None:
+    """The expected minutes of a run that trains (:mod:`lungs_utils.engine.estimate`), measured here; None
+    for the notebooks that train nothing (data, ensemble, leaderboard, explore)."""
     from ..engine.estimate import for_params
 
-    return for_params(values, progress=progress).line(detail) if trains(values["notebook"]) else None
+    return for_params(values, progress=progress) if trains(values["notebook"]) else None
+
+
+def estimate_line(values: Mapping[str, Any], progress: bool = False, detail: bool = False) -> str | None:
+    """:func:`estimate` as its one line (``detail``: with what was timed)."""
+    found = estimate(values, progress)
+    return found.line(detail) if found else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,12 +227,12 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
         check_resume(folder, values)  # before params.yaml is rewritten
         # Measured once the folder is ours (a refused run waits for nothing) and named as it will be
         # (--suffix), with the epochs a resume leaves to train.
-        expected = estimate_line(values, progress=progress_bar)
+        expected = estimate(values, progress=progress_bar)
     except BaseException:
         release(folder)
         raise
     if expected:
-        say(f"{folder.name}: {expected}")
+        say(f"{folder.name}: {expected.line()}")
     executed = folder / notebook_in.name
     started_wall, t0 = time.time(), time.perf_counter()
     info: dict[str, Any] = {"run_name": folder.name, "status": "running", "started": timestamp()}
@@ -251,7 +257,7 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
         # Plain-text progress: widget bars become unreadable JSON in an executed notebook.
         env = {"LUNGS_PROGRESS": "off" if os.environ.get("LUNGS_PROGRESS") == "off" else "plain",
                "LUNGS_HOME": str(project_root()), CLAIMED_ENV: str(folder.resolve()),
-               ESTIMATE_ENV: expected or ""}
+               ESTIMATE_ENV: expected.to_json() if expected else ""}
         with _kernel_environment(**env):
             papermill.execute_notebook(str(notebook_in), str(executed), parameters=values,
                                        cwd=str(notebook_in.parent), kernel_name="python3",

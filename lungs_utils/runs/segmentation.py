@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from .. import models, paths
+from ..engine.deadline import plan, sigterm_stops_training
 from ..engine.device import select_device
 from ..engine.distributed import is_main_process
 from ..engine.estimate import announce
@@ -56,11 +57,13 @@ class SegExperiment:
     split: Split
     parts: list[Part]
     outputs: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)  # when the run began: its time_limit counts from here
 
 
 def prepare(params: Mapping[str, Any], *, progress: bool = True) -> SegExperiment:
     """Load the data (masks required), make the split and its parts (2-channel datasets: image and given
     mask; a model each, fold ``k`` seeded ``seed + k``), write params.yaml and split.csv."""
+    started = time.time()
     params = dict(params)
     models.segmenter(params["model"])  # fail fast (before decoding the data) on a model without a mask head
     select_device(params["device"])
@@ -77,17 +80,20 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> SegExperimen
     parts = parts_mod.make_parts(params, run_dir, split, lambda rows: data_mod.datasets(data, rows, use_masks=True)[:2],
                                  lambda: models.segmenter(params["model"]))
     if main:
+        parts_mod.check_room(run_dir, parts, len(data.train) + len(data.test), masks=True)
         paths.make_run_dir(params)
         dump(params, run_dir / PARAMS_FILE)
         split.write(run_dir / SPLIT_FILE)  # with cv: each image's fold (its mask comes from the other folds' model)
-    return SegExperiment(params, run_dir, data, split, parts)
+    return SegExperiment(params, run_dir, data, split, parts, started=started)
 
 
 def train_folds(exp: SegExperiment, *, progress: bool = True) -> pd.DataFrame:
-    """Train every part's model; one summary row per fold (best Dice / IoU, epoch, speed)."""
-    if is_main_process():
-        announce(exp.params, exp.data)
-    parts_mod.train_parts(exp.parts, SEGMENTATION, progress=progress)
+    """Train every part's model; one summary row per fold (best Dice / IoU, epoch, speed). With
+    ``time_limit``, or on SIGTERM, training stops at a clean point (:mod:`lungs_utils.engine.deadline`)."""
+    expected = announce(exp.params, exp.data) if is_main_process() else None
+    with sigterm_stops_training():
+        parts_mod.train_parts(exp.parts, SEGMENTATION, progress=progress,
+                              deadline=plan(exp.params, expected, exp.started))
     rows = [{"fold": part.index, "val_dice": r.best_metrics.get("dice"), "val_iou": r.best_metrics.get("iou"),
              "best_epoch": r.best_epoch, "epochs": r.epochs_run,
              "seconds_per_epoch": float(r.history["train_seconds"].mean()) if len(r.history) else None,
@@ -106,11 +112,10 @@ def history(exp: SegExperiment) -> pd.DataFrame:
 def predict(exp: SegExperiment) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Every part's lung probabilities for its held-out images and for the test images:
     ``[(val ids, val probs, test ids, test probs), ...]``."""
-    parts_mod.require_trained(exp.parts, exp.params["run_name"])
     settings = PredictSettings.from_params(exp.params)
     test = data_mod.XrayDataset(exp.data.test.images, exp.data.test.ids, inverted=exp.data.inverted_test)
     out = []
-    for part in exp.parts:
+    for part in parts_mod.usable(exp.parts, exp.params["run_name"]):
         out.append((*mask_probabilities(part.model, part.val, settings),
                     *mask_probabilities(part.model, test, settings)))
     return out
@@ -199,6 +204,7 @@ def predict_and_save(exp: SegExperiment, *, progress: bool = True) -> dict[str, 
         "train_images_per_s": float(np.mean([r.train_images_per_s for r in results])) if results else None,
         "image_size": p["image_size"], "tta": p["tta"], "predict_seconds": seconds,
         "masks_dir": str(exp.run_dir / "masks"), "synthetic_data": exp.data.synthetic,
+        "time_limit": parts_mod.time_record(exp.parts, parts_mod.usable(exp.parts, p["run_name"]), p),
     }
     atomic_write_csv(history(exp), exp.run_dir / HISTORY_FILE)
     atomic_write_text(exp.run_dir / METRICS_FILE, json.dumps(summary, indent=2))

@@ -63,6 +63,12 @@ class Split:
         """``id, target_feature, split`` of one part: its validation images ``val``, the rest ``train``."""
         return self.table[["id", "target_feature"]].assign(split=np.where(self.is_val(part), "val", "train"))
 
+    def held_out_ids(self) -> np.ndarray:
+        """The images a run predicts out of training: the validation images of one split, every image of a
+        cross-validation run (each by the fold that held it out)."""
+        ids = self.table["id"].to_numpy(np.int64)
+        return ids if self.k else ids[self.is_val(0)]
+
     def fold_of(self, ids: np.ndarray) -> np.ndarray:
         """The part whose model never saw each of ``ids`` (0 for every validation image of a single split)."""
         where = pd.Series(self.table["fold"].to_numpy() if self.k else np.zeros(len(self.table), np.int64),

@@ -17,6 +17,8 @@ import pandas as pd
 from .. import NUM_CLASSES
 from ..errors import LungsError
 from ..io import atomic_write_csv
+from ..runfolder import METRICS_FILE, SPLIT_FILE, read_json
+from .folds import Split
 from .layout import check_labels, file_line, read_text_csv
 
 PROB_COLUMNS: tuple[str, ...] = tuple(f"p{k}" for k in range(NUM_CLASSES))
@@ -108,6 +110,63 @@ def write_predictions(run_dir: str | os.PathLike[str], val: pd.DataFrame | None 
     if submission is not None:
         put(validate_submission(submission), SUBMISSION_COLUMNS, SUBMISSION_FILE)
     return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a run's tables back
+# --------------------------------------------------------------------------------------------------
+_COLUMNS = {VAL_FILE: VAL_COLUMNS, OOF_FILE: OOF_COLUMNS, TEST_FILE: TEST_COLUMNS}
+
+
+def _rows_it_must_hold(run_dir: Path, name: str) -> tuple[np.ndarray | None, int | None]:
+    """(ids, count) a run's table must hold: its held-out images (``split.csv``) for validation and
+    out-of-fold predictions, else the count ``metrics.json`` recorded; None where the run does not say."""
+    if name != TEST_FILE and (run_dir / SPLIT_FILE).is_file():
+        return Split.read(run_dir / SPLIT_FILE).held_out_ids(), None
+    count = read_json(run_dir / METRICS_FILE).get("n_test" if name == TEST_FILE else "n_val")
+    return None, count if isinstance(count, int) else None
+
+
+def read_run_table(run_dir: str | os.PathLike[str], name: str) -> pd.DataFrame:
+    """A run folder's ``val_predictions.csv``, ``oof_predictions.csv`` or ``test_predictions.csv``, checked
+    before anything uses it: its columns, numbers, each id once, and the rows it must hold (every held-out
+    image of the run once; as many test rows as the run predicted). Sorted by id; a damaged file is one
+    error line naming it, never used."""
+    run_dir = Path(run_dir)
+    path, run, columns = run_dir / name, run_dir.resolve().name, _COLUMNS[name]
+    again = f"predict again (continue run {run} with -p resume=true, which only re-predicts a finished run)"
+    if not path.is_file():
+        raise LungsError(f"run {run} has no {name} ({path}): run its notebook to the end first")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        raise LungsError(f"{path} is empty or not a readable CSV; {again}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise LungsError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(columns)}); {again}")
+    frame = frame.loc[:, list(columns)]
+    for col in columns:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values.isna().to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise LungsError(f"{path}: line {i + 2}: {col} {frame[col].iloc[i]!r} is not a number; {again}")
+        frame[col] = values
+    integer = [c for c in ("id", "true", "predicted", "fold") if c in columns]
+    frame[integer] = frame[integer].astype(np.int64)
+    if frame["id"].duplicated().any():
+        dup = int(frame["id"][frame["id"].duplicated()].iloc[0])
+        raise LungsError(f"{path}: id {dup} appears twice; {again}")
+    ids, count = _rows_it_must_hold(run_dir, name)
+    have = frame["id"].to_numpy()
+    if ids is not None and not np.array_equal(np.sort(have), np.sort(ids)):
+        gone, extra = np.setdiff1d(ids, have), np.setdiff1d(have, ids)
+        why = f"id {gone[0]} has no row" if len(gone) else f"id {extra[0]} is not one of them"
+        raise LungsError(f"{path}: {len(have)} rows for the {len(ids)} images run {run} held out ({why}); the file "
+                         f"is damaged: {again}")
+    if count is not None and len(have) != count:
+        raise LungsError(f"{path}: {len(have)} rows, but run {run} predicted {count}; the file is damaged: {again}")
+    return frame.sort_values("id", kind="stable").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------
