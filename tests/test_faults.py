@@ -11,6 +11,7 @@ small tmpfs mounts (root only; skipped with the reason elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -216,15 +217,30 @@ def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 120) -> None:
         time.sleep(0.02)
 
 
+def signal_after_first_epoch(params: Path, folder: Path, sig: int) -> subprocess.Popen:
+    """Start the run and send ``sig`` once its first checkpoint is on disk; returns the ended process with
+    its output read (``.out``, ``.err``)."""
+    proc = subprocess.Popen(train_args(params, output_dir=folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    _wait_for(folder / "checkpoints" / "last.pt", proc)
+    proc.send_signal(sig)
+    proc.out, proc.err = proc.communicate(timeout=120)
+    return proc
+
+
+def resume_to_the_same_result(params: Path, folder: Path, reference: Path) -> None:
+    done = subprocess.run(train_args(params, "--resume", output_dir=folder), capture_output=True, text=True,
+                          env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_predictions(reference, folder)
+
+
 def test_sigterm_stops_at_a_clean_point_with_a_submission_and_a_resume_finishes_the_same(
         straight: dict, ph: Path, tmp_path: Path) -> None:
     params, reference, _ = straight["single"]
     folder = tmp_path / "run"
-    proc = subprocess.Popen(train_args(params, output_dir=folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    _wait_for(folder / "checkpoints" / "last.pt", proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    proc = signal_after_first_epoch(params, folder, signal.SIGTERM)
+    out, err = proc.out, proc.err
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM: the time is up" in out
     record = json.loads((folder / "metrics.json").read_text())["time_limit"]
@@ -232,27 +248,18 @@ def test_sigterm_stops_at_a_clean_point_with_a_submission_and_a_resume_finishes_
     test_ids = sorted(int(p.stem[4:]) for p in (ph / "test_images").glob("img_*.png"))
     assert len(validate_submission(folder / "submission.csv", test_ids)) == N_TEST
     assert not (folder / ".lock").exists()
-    done = subprocess.run(train_args(params, "--resume", output_dir=folder), capture_output=True, text=True,
-                          env=env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    same_predictions(reference, folder)
+    resume_to_the_same_result(params, folder, reference)
     assert json.loads((folder / "metrics.json").read_text())["time_limit"] is None  # the whole recipe now
 
 
 def test_ctrl_c_stops_with_one_line_and_the_run_resumes_to_the_same_result(straight: dict, tmp_path: Path) -> None:
     params, reference, _ = straight["single"]
     folder = tmp_path / "run"
-    proc = subprocess.Popen(train_args(params, output_dir=folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    _wait_for(folder / "checkpoints" / "last.pt", proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc = signal_after_first_epoch(params, folder, signal.SIGINT)
+    err = proc.err
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted after"), err[-2000:]
     assert "Traceback" not in err and not (folder / ".lock").exists() and not (folder / "metrics.json").exists()
-    done = subprocess.run(train_args(params, "--resume", output_dir=folder), capture_output=True, text=True,
-                          env=env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    same_predictions(reference, folder)
+    resume_to_the_same_result(params, folder, reference)
 
 
 def test_a_time_limit_too_small_ends_on_time_with_a_submission_and_says_what_it_skipped(
@@ -279,13 +286,23 @@ def test_a_time_limit_too_small_ends_on_time_with_a_submission_and_says_what_it_
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
-def test_the_same_run_started_twice_is_refused_with_who_holds_it(straight: dict, tmp_path: Path) -> None:
-    params, _, _ = straight["single"]
-    folder = tmp_path / "run"
+@contextlib.contextmanager
+def running(params: Path, folder: Path) -> Iterator[subprocess.Popen]:
+    """A long run holding ``folder`` (its lock taken) for the block; killed afterwards."""
     first = subprocess.Popen(train_args(params, output_dir=folder, epochs=40), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=env())
     try:
         _wait_for(folder / ".lock", first)
+        yield first
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_the_same_run_started_twice_is_refused_with_who_holds_it(straight: dict, tmp_path: Path) -> None:
+    params, _, _ = straight["single"]
+    folder = tmp_path / "run"
+    with running(params, folder) as first:
         second = subprocess.run(train_args(params, output_dir=folder), capture_output=True, text=True, env=env(),
                                 timeout=120)
         one_error_line(second, "already running", f"pid {first.pid}")
@@ -295,9 +312,6 @@ def test_the_same_run_started_twice_is_refused_with_who_holds_it(straight: dict,
 
         with pytest.raises(LungsError, match=f"already running \\(pid {first.pid}"):
             experiment.prepare(P.load(params, {"output_dir": str(folder), "resume": True}), progress=False)
-    finally:
-        first.kill()
-        first.wait()
 
 
 def test_two_runs_building_one_cache_at_once_both_succeed(ph: Path, tmp_path: Path) -> None:
@@ -372,10 +386,7 @@ def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_resumes_after(str
     assert load_checkpoint(last)["epoch"] >= 1  # the last good checkpoint is intact
     no_temp_files(folder)
     filler.unlink()
-    done = subprocess.run(train_args(params, "--resume", output_dir=folder), capture_output=True, text=True,
-                          env=env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    same_predictions(reference, folder)
+    resume_to_the_same_result(params, folder, reference)
 
 
 def test_predictions_written_to_a_full_disk_are_one_line_and_keep_the_old_file(tmpfs) -> None:
@@ -516,15 +527,9 @@ def test_a_damaged_params_file_of_a_run_is_named(straight: dict, ph: Path, tmp_p
 def test_lungs_run_on_the_name_of_a_running_run_is_refused(straight: dict, ph: Path, tmp_path: Path) -> None:
     params, _, _ = straight["single"]
     folder = tmp_path / "run"
-    first = subprocess.Popen(train_args(params, output_dir=folder, epochs=40), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=env())
-    try:
-        _wait_for(folder / ".lock", first)
+    with running(params, folder):
         for flag in ((), ("--resume",), ("--overwrite",)):
             one_error_line(lungs("run", str(params), "-p", f"output_dir={folder}", *flag), "already running")
-    finally:
-        first.kill()
-        first.wait()
 
 
 @pytest.mark.parametrize("name", ["polarity.json", "ensemble.json"])

@@ -67,7 +67,9 @@ _ENV_VARS = ("VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV")
 
 
 def _make_dry_run(target: str, **env_vars: str) -> list[str]:
-    """The commands `make -n TARGET` would run, with only the given environment variables of _ENV_VARS set."""
+    """The commands `make -n -B TARGET` would run, with only the given environment variables of _ENV_VARS set.
+
+    -B: as on a fresh machine, whether or not this checkout already has an installed .venv (CI has, by now)."""
     import os
     import shutil
     import subprocess
@@ -76,7 +78,7 @@ def _make_dry_run(target: str, **env_vars: str) -> list[str]:
         pytest.skip("make is not installed")
     env = {k: v for k, v in os.environ.items() if k not in _ENV_VARS and k not in ("VENV", "PY", "MAKEFLAGS")}
     env.update(env_vars)
-    proc = subprocess.run(["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, env=env,
+    proc = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), target], capture_output=True, text=True, env=env,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [line for line in proc.stdout.splitlines() if not line.startswith("make")]
