@@ -47,6 +47,7 @@ NOTEBOOK_MODULES: dict[str, str] = {
     "data": "xrays.data", "plots": "stats.plots", "experiment": "runs.experiment",
     "segmentation": "runs.segmentation", "gradcam": "analysis.gradcam", "report": "analysis.report",
     "ensemble": "analysis.ensemble", "leaderboard": "analysis.leaderboard", "explore": "app.explore",
+    "sweep": "runs.sweep",
     "cli": "app.cli",  # console scripts installed before the move call lungs_utils.cli:main
 }
 #: Modules that moved into a part: the old name still imports them, with one line saying what to write.

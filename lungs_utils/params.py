@@ -96,8 +96,14 @@ SCHEMA: dict[str, Spec] = {
                     choices=("auto", "fp32", "bf16", "fp16")),
     "channels_last": _s(bool, True, "use channels_last memory format"),
     "compile": _s(bool, False, "torch.compile the model"),
-    "patience": _s(int, None, "early-stopping patience on val macro-F1 (null = off)", nullable=True,
-                   minimum=1),
+    "patience": _s(int, None, "early-stopping patience on val macro-F1, counted in validated epochs (null = off)",
+                   nullable=True, minimum=1),
+    "val_every": _s(int, 1, "validate every k-th epoch, and every epoch of the last quarter of the schedule (where "
+                    "the best epoch lies; the last epoch always): fewer validation minutes, the same choice of the "
+                    "best checkpoint", minimum=1, maximum=100),
+    "ema": _s(float, 0.0, "exponential moving average of the weights, decay per training step (e.g. 0.998; "
+              "0 = off): validation, the best checkpoint and predictions use the averaged weights, batch-norm "
+              "statistics averaged alike", minimum=0.0, maximum=0.99999),
     "tensorboard": _s(bool, True, "write TensorBoard logs (losses, macro-F1, per-class F1, learning rate, "
                       "confusion matrix per epoch) to the run folder's tb/; `make tensorboard` shows outputs/"),
     "time_limit": _s(float, None, "minutes this run may take from its start: training stops at a clean point "
@@ -141,6 +147,17 @@ SCHEMA: dict[str, Spec] = {
     "ensemble_method": _s(str, "mean", "ensemble method: mean (measured best on real X-rays), weighted "
                           "(Caruana selection: its validation score is optimistic) or vote",
                           choices=("mean", "weighted", "vote")),
+    # --- sweep (lungs sweep, 97_sweep.ipynb; time_limit is its budget) ----------------------------
+    "base_params": _s(str, "cpu_small.yaml", "params file of the recipe a sweep tunes: each trial is a run of it "
+                      "with the sampled values"),
+    "trials": _s(int, 20, "trials a sweep runs in all (a resumed sweep counts those it has)", minimum=1,
+                 maximum=1000),
+    "space": _s(str, None, "search space of a sweep, a YAML file (null = params/sweep/cpu_space.yaml)",
+                nullable=True),
+    "objective": _s(str, "auto", "what a sweep maximises: oof (out-of-fold macro-F1 of a cv run), val (one "
+                    "validation split) or auto (oof when the recipe has cv)", choices=("auto", "oof", "val")),
+    "pruner": _s(str, "median", "a sweep's pruner: median (stop a trial whose validation macro-F1 falls below the "
+                 "median of the finished trials at the same point of the run) or none", choices=("median", "none")),
 }
 
 #: Keys that were renamed or dropped: a file or -p that still uses one gets this line instead of "unknown key".

@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("00_data", "05_lung_segmentation", "10_simple_cnn", "11_resnet", "12_unet", "13_mobilenet", "14_vgg",
-         "15_modern", "90_ensemble", "95_leaderboard", "96_explore")
+         "15_modern", "90_ensemble", "95_leaderboard", "96_explore", "97_sweep")
 TRAINING = "10_simple_cnn"  # where a progress widget must render
 #: Each model notebook's own defaults must learn, not just run: validation macro-F1 at least this on the
 #: demo's phantom data (chance is 0.33; a model predicting one class for every film scores 0.17).

@@ -396,6 +396,12 @@ COVERED = {
     "lungs pipeline params/masks -p data_dir=QU_DEV/data --answers QU_DEV/test_answers.csv": (
         "tests/test_runner.py::test_pipeline_scores_every_submission_against_an_answer_key",
         "tests/test_notebooks.py::test_mask_mode_comparison_folder_is_the_cpu_recipes_with_each_mode"),
+    "lungs sweep params/cpu_small.yaml --trials 30 --minutes 180 -p data_dir=QU_DEV/data": (
+        "tests/test_sweep.py::test_a_killed_sweep_goes_on_where_it_stopped_and_its_trial_resumes_from_its_checkpoint",
+        "tests/test_sweep.py::test_a_sweep_in_its_notebook_ranks_its_trials_prunes_a_hopeless_one_and_its_best_recipe_runs"),
+    "lungs run params/97_sweep.yaml": (
+        "tests/test_sweep.py::test_a_sweep_in_its_notebook_ranks_its_trials_prunes_a_hopeless_one_and_its_best_recipe_runs",
+        "tests/test_notebooks.py::test_params_file_is_valid"),
     "python bench/competition.py --dry-run": ("tests/test_bench.py::test_competition_dry_run_reports_every_stage",),
 }
 

@@ -289,11 +289,13 @@ def test_a_time_limit_too_small_ends_on_time_with_a_submission_and_says_what_it_
 @contextlib.contextmanager
 def running(params: Path, folder: Path) -> Iterator[subprocess.Popen]:
     """A long run holding ``folder`` (its lock taken) for the block; killed afterwards."""
-    first = subprocess.Popen(train_args(params, output_dir=folder, epochs=40), stdout=subprocess.DEVNULL,
+    # Far more epochs than the block can see end, so the run still holds the folder at the block's last step.
+    first = subprocess.Popen(train_args(params, output_dir=folder, epochs=100_000), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=env())
     try:
         _wait_for(folder / ".lock", first)
         yield first
+        assert first.poll() is None, f"the holding run ended (status {first.returncode}) inside the block"
     finally:
         first.kill()
         first.wait()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PARAMS = sorted((ROOT / "params").glob("*.yaml")) + sorted((ROOT / "params" / "demo").glob("*.yaml"))
 MODEL_NOTEBOOKS = {"10_simple_cnn", "11_resnet", "12_unet", "13_mobilenet", "14_vgg", "15_modern"}
-EXPECTED = {"00_data", "05_lung_segmentation", *MODEL_NOTEBOOKS, "90_ensemble", "95_leaderboard", "96_explore"}
+EXPECTED = {"00_data", "05_lung_segmentation", *MODEL_NOTEBOOKS, "90_ensemble", "95_leaderboard", "96_explore", "97_sweep"}
 TINY = ["-p", "image_size=32", "-p", "epochs=1", "-p", "batch_size=8"]
 
 

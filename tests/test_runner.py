@@ -113,6 +113,15 @@ def test_expand_sorts_folders_and_keeps_file_order(tmp_path: Path) -> None:
         runner.expand([tmp_path / "empty"])
 
 
+def test_expand_finds_a_suite_params_file_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A notebook's kernel runs in notebooks/: a name under params/ still means that file.
+    monkeypatch.chdir(tmp_path)
+    tiny, small = paths.suite_path("params", "demo", "15_resnet_tiny.yaml"), paths.suite_path("params", "cpu_small.yaml")
+    assert runner.expand(["demo/15_resnet_tiny.yaml", "params/cpu_small.yaml", "cpu_small.yaml"]) == [tiny, small, small]
+    with pytest.raises(LungsError, match="not found: demo/nope.yaml"):
+        runner.expand(["demo/nope.yaml"])
+
+
 def test_live_lock_refuses_and_stale_lock_is_replaced(tmp_path: Path) -> None:
     folder = tmp_path / "run"
     folder.mkdir()

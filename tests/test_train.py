@@ -186,18 +186,24 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(_no_timing(a.history), _no_timing(b.history))
 
 
+def _straight_and_resumed(train: XrayDataset, val: XrayDataset, p: dict, folder: Path) -> tuple:
+    """Four epochs in one go, and two then a resume to four (checked to have stopped after two)."""
+    torch.manual_seed(0)
+    straight = T.fit(tiny_net(), train, val, p, folder / "straight", progress=False)
+    torch.manual_seed(0)
+    T.fit(tiny_net(), train, val, p, folder / "resumed", progress=False, stop_after=2)
+    assert len(pd.read_csv(folder / "resumed" / "history.csv")) == 2
+    torch.manual_seed(123)  # a different process state must not matter: everything comes from last.pt
+    resumed = T.fit(tiny_net(), train, val, {**p, "resume": True}, folder / "resumed", progress=False)
+    return straight, resumed
+
+
 def test_resume_after_two_of_four_epochs_equals_four_epochs(tmp_path: Path) -> None:
     train, val = toy_sets(size=40)
     # Progressive resizing too: the size changes after the resume point (epochs at 16, 16, 32, 40).
     p = quick(mixup=0.2, cutmix=0.5, equalize=0.2, crop_scale=0.6, image_size=40, start_size=16)
     assert [Sc.train_size(p, e) for e in range(4)] == [16, 16, 32, 40]
-    torch.manual_seed(0)
-    straight = T.fit(tiny_net(), train, val, p, tmp_path / "straight", progress=False)
-    torch.manual_seed(0)
-    T.fit(tiny_net(), train, val, p, tmp_path / "resumed", progress=False, stop_after=2)
-    assert len(pd.read_csv(tmp_path / "resumed" / "history.csv")) == 2
-    torch.manual_seed(123)  # a different process state must not matter: everything comes from last.pt
-    resumed = T.fit(tiny_net(), train, val, {**p, "resume": True}, tmp_path / "resumed", progress=False)
+    straight, resumed = _straight_and_resumed(train, val, p, tmp_path)
     pd.testing.assert_frame_equal(_no_timing(straight.history), _no_timing(resumed.history))
     assert straight.best_metrics == resumed.best_metrics
 
@@ -394,3 +400,74 @@ def test_a_run_name_is_a_plain_folder_name(name: str) -> None:
 def test_scientific_notation_is_a_number_although_yaml_1_1_reads_it_as_text(text: str, value: float) -> None:
     assert P.load(overrides=[f"lr={text}"])["lr"] == value
     assert P.load(overrides=["run_name=1e-3"])["run_name"] == "1e-3"  # a text key keeps the text
+
+
+# ------------------------------------------------------------------------------------------- val_every, ema
+def test_val_every_validates_every_kth_epoch_and_the_whole_last_quarter() -> None:
+    p = quick(epochs=20, val_every=3)
+    # 3, 6, 9, 12, 15 by the stride; 16-20 are the last quarter (ceil(20 / 4) = 5 epochs).
+    assert [e for e in range(1, 21) if Sc.validates(p, e)] == [3, 6, 9, 12, 15, 16, 17, 18, 19, 20]
+    assert Sc.validated_epochs(p) == 10 and Sc.validated_epochs(p, done=16) == 4
+    assert all(Sc.validates(quick(epochs=7), e) for e in range(1, 8))
+    assert [e for e in range(1, 5) if Sc.validates(quick(epochs=4, val_every=10), e)] == [4]
+
+
+def test_val_every_trains_the_same_weights_and_keeps_the_best_of_the_validated_epochs(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    every = quick(epochs=8)
+    torch.manual_seed(0)
+    full = T.fit(tiny_net(), train, val, every, tmp_path / "full", progress=False)
+    torch.manual_seed(0)
+    sparse = T.fit(tiny_net(), train, val, {**every, "val_every": 3}, tmp_path / "sparse", progress=False)
+    validated = [3, 6, 7, 8]
+    history = pd.read_csv(tmp_path / "sparse" / "history.csv")
+    assert history.loc[history["val_macro_f1"].notna(), "epoch"].tolist() == validated
+    # Validation changes nothing in training: the training columns and the validated epochs' scores match.
+    cols = ["epoch", "train_loss", "train_macro_f1", "lr"]
+    pd.testing.assert_frame_equal(_no_timing(sparse.history)[cols], _no_timing(full.history)[cols])
+    f1 = full.history.set_index("epoch")["val_macro_f1"]
+    assert sparse.history.set_index("epoch")["val_macro_f1"].dropna().tolist() == f1.loc[validated].tolist()
+    assert sparse.best_epoch == int(f1.loc[validated].idxmax())
+    assert sparse.best_metrics["macro_f1"] == f1.loc[validated].max()
+
+
+def test_ema_validates_and_keeps_the_moving_average_of_the_weights(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    p = quick(epochs=3, ema=0.9)
+    torch.manual_seed(0)
+    model = tiny_net()
+    result = T.fit(model, train, val, p, tmp_path, progress=False)
+    last = Ck.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    # By hand: the same steps, and their weights averaged with decay 0.9 from the first step's (AveragedModel's
+    # start), batch-norm statistics included.
+    torch.manual_seed(0)
+    plain = tiny_net()
+    s = T.start_fit(plain, train, {**p, "ema": 0.0})
+    average: dict[str, torch.Tensor] = {}
+    for _ in range(3):
+        for x, y, _ in s.loader:
+            T.train_step(s.net, x, y, p, loss_fn=s.loss_fn, optimizer=s.optimizer, scaler=s.scaler,
+                         scheduler=s.scheduler, mixer=s.mixer, generator=s.generators["augment"], dtype=s.dtype)
+            for k, v in plain.state_dict().items():
+                if v.dtype.is_floating_point:
+                    average[k] = v.detach().clone() if k not in average else 0.9 * average[k] + 0.1 * v.detach()
+    for k, v in average.items():
+        torch.testing.assert_close(last["ema"]["module." + k], v, rtol=1e-4, atol=1e-6)
+    # last.pt keeps the raw weights (exact resume) beside the average; they differ.
+    assert not torch.equal(last["model"]["0.weight"], last["ema"]["module.0.weight"])
+    # The averaged weights are what is validated and kept: the model scores its best epoch's metrics.
+    _, metrics = T.evaluate(model, val, p, torch.device("cpu"))
+    assert metrics["macro_f1"] == pytest.approx(result.best_metrics["macro_f1"])
+    best = Ck.load_checkpoint(tmp_path / "checkpoints" / "best.pt")["model"]
+    assert set(best) == set(model.state_dict()) and torch.equal(best["0.weight"], model.state_dict()["0.weight"])
+    # Without ema the last step's weights are validated: other validation losses.
+    torch.manual_seed(0)
+    plain_run = T.fit(tiny_net(), train, val, {**p, "ema": 0.0}, tmp_path / "plain", progress=False)
+    assert not plain_run.history["val_loss"].equals(result.history["val_loss"])
+
+
+def test_ema_resumes_exactly(tmp_path: Path) -> None:
+    train, val = toy_sets()
+    straight, resumed = _straight_and_resumed(train, val, quick(epochs=4, ema=0.95), tmp_path)
+    pd.testing.assert_frame_equal(_no_timing(straight.history), _no_timing(resumed.history))
+    assert straight.best_metrics == resumed.best_metrics

@@ -98,6 +98,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from ..runs import sweep
+
+    values = sweep.sweep_values(args.params, trials=args.trials, minutes=args.minutes, space=args.space,
+                                objective=args.objective, pruner=args.pruner, name=args.name)
+    sweep.main(values, args.param)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     """``lungs train PARAMS.yaml [-p k=v ...]``: train without papermill (torchrun-friendly). Rank 0 claims
     the run folder as ``lungs run`` does; the other ranks of torchrun write nothing."""
@@ -290,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "(runs trained with masks need them; with --answers the shortcut audit runs on them)")
     masks.add_argument("--mask-run", metavar="RUN", help="a lung segmentation run that predicts the films' masks")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("sweep", help="tune a recipe with an Optuna study (TPE, median pruning): each trial a run "
+                                     "in outputs/<sweep>-t<n>/, the study in outputs/<sweep>/study.db (running the "
+                                     "same command again goes on with it), then the trials ranked and best.yaml")
+    p.add_argument("params", type=Path, help="the recipe to tune, e.g. params/cpu_small.yaml")
+    p.add_argument("--trials", type=int, default=20, help="trials in all (default 20; a resumed sweep counts its own)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget of this call: no trial starts that would not fit, the last stops at a clean point")
+    p.add_argument("--space", default=None, metavar="SPACE.yaml",
+                   help="search space (default params/sweep/cpu_space.yaml)")
+    p.add_argument("--objective", choices=("auto", "oof", "val"), default="auto",
+                   help="maximise out-of-fold macro-F1 (a cv recipe) or one validation split's (default: oof with cv)")
+    p.add_argument("--pruner", choices=("median", "none"), default="median", help="stop trials below the median")
+    p.add_argument("--name", default=None, help="the sweep's folder under outputs/ (default <run_name>-sweep)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of the recipe in every trial, e.g. -p data_dir=DIR")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("leaderboard", help="print every run in outputs/ and write outputs/leaderboard.csv")
     p.set_defaults(func=_leaderboard)

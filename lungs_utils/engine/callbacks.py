@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,8 @@ class Checkpoint(Callback):
             return
         state = load_checkpoint(self.last, map_location=s.device)
         load_weights(s.model, state, str(self.last))
+        if s.ema is not None and "ema" in state:  # (a run that adds ema on resume starts its average here)
+            s.ema.load_state_dict(state["ema"])
         s.optimizer.load_state_dict(state["optimizer"])
         s.scheduler.load_state_dict(state["scheduler"])
         s.scaler.load_state_dict(state["scaler"])
@@ -79,13 +81,15 @@ class Checkpoint(Callback):
     def on_epoch_end(self, s: FitState) -> None:
         if s.rank != 0:
             return
-        state = {"format": CHECKPOINT_FORMAT, "model": unwrap(s.model).state_dict(), "epoch": s.epoch,
+        state = {"format": CHECKPOINT_FORMAT, "epoch": s.epoch,
                  "best_score": s.best_score, "score": s.task.score, "best_epoch": s.best_epoch,
                  "bad_epochs": s.bad_epochs, "val_metrics": s.val_metrics, "best_metrics": s.best_metrics,
                  "params": dict(s.params)}
-        if s.improved:
-            save_checkpoint(self.folder / "best.pt", state)
-        save_checkpoint(self.last, {**state, "optimizer": s.optimizer.state_dict(),
+        if s.improved:  # the weights predictions use: with ema, the average
+            save_checkpoint(self.folder / "best.pt", {**state, "model": s.evaluated.state_dict()})
+        save_checkpoint(self.last, {**state, "model": unwrap(s.model).state_dict(),
+                                    **({"ema": s.ema.state_dict()} if s.ema is not None else {}),
+                                    "optimizer": s.optimizer.state_dict(),
                                     "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
                                     "rng": rng_state(s.generators), "history": s.history})
 
@@ -108,7 +112,7 @@ class History(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stop after ``patience`` epochs without a better validation score."""
+    """Stop after ``patience`` validated epochs without a better validation score."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -162,9 +166,10 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, s: FitState) -> None:
         score = s.task.score
-        self.bar.set_postfix({"loss": f"{s.history[-1]['train_loss']:.3f}",
-                              f"val_{score}": f"{s.val_metrics[score]:.3f}", "best": f"{s.best_score:.3f}"},
-                             refresh=False)
+        shown = {"loss": f"{s.history[-1]['train_loss']:.3f}"}
+        if s.validated:
+            shown.update({f"val_{score}": f"{s.val_metrics[score]:.3f}", "best": f"{s.best_score:.3f}"})
+        self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
     def on_fit_end(self, s: FitState) -> None:
@@ -217,7 +222,7 @@ class TensorBoard(Callback):
             return
         for tag, value in scalar_tags(s.history[-1]).items():
             self.writer.add_scalar(tag, value, s.epoch)
-        cm = s.val_metrics.get("confusion_matrix")
+        cm = s.val_metrics.get("confusion_matrix") if s.validated else None
         if cm is not None:
             from ..stats.plots import confusion_matrix
 
@@ -249,9 +254,10 @@ def scalar_tags(row: Mapping[str, Any]) -> dict[str, float]:
 
 def default_callbacks(params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None, *,
                       progress: bool = True, stop_after: int | None = None,
-                      deadline: float | None = None) -> list[Callback]:
+                      deadline: float | None = None, also: Sequence[Callback] = ()) -> list[Callback]:
     """What ``fit`` runs unless told otherwise: files only with a run folder; early stopping with
-    ``patience``; TensorBoard unless ``tensorboard: false``; the time budget (``deadline``, and SIGTERM)."""
+    ``patience``; TensorBoard unless ``tensorboard: false``; the time budget (``deadline``, and SIGTERM);
+    then ``also`` (e.g. a sweep trial's report to its study, after the epoch is saved)."""
     callbacks: list[Callback] = []
     if run_dir is not None:
         callbacks += [Checkpoint(run_dir), History(run_dir)]
@@ -262,6 +268,7 @@ def default_callbacks(params: Mapping[str, Any], run_dir: str | os.PathLike[str]
     if stop_after is not None:
         callbacks.append(StopAfter(stop_after))
     callbacks.append(Deadline(deadline))
+    callbacks += list(also)
     if progress:
         callbacks.append(ProgressBar())
     return callbacks + [Log()]

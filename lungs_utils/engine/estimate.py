@@ -24,6 +24,7 @@ import numpy as np
 
 from ..params import is_segmentation
 from ..paths import ESTIMATE_ENV
+from .schedule import train_size, validated_epochs
 
 #: Training steps timed per image side (after one warm-up step, the median).
 STEPS = 3
@@ -76,8 +77,6 @@ def _minutes(seconds: float) -> str:
 
 
 def _sizes(params: Mapping[str, Any]) -> list[int]:
-    from .schedule import train_size
-
     return [train_size(params, e) for e in range(params["epochs"])]
 
 
@@ -222,7 +221,7 @@ def cost(params: Mapping[str, Any], timings: Timings, n_train: int, n_test: int,
     share = left_epochs / max(1, parts * epochs)
     eval_s = timings.per_image_eval
     train_s = parts * n_fit * sum(timings.train_cost(s) for s in sizes) * share
-    val_s = left_epochs * n_held * eval_s
+    val_s = parts * validated_epochs(params) * share * n_held * eval_s  # val_every skips some
     overhead_s = left_epochs * (2 * timings.save_s + EPOCH_OVERHEAD_S)
     views = (2 if params["tta"] else 1) if seg else (4 if params["hflip"] > 0 else 3) if params["tta"] else 1
     predict_s = parts * (n_held + n_test) * views * eval_s
@@ -300,7 +299,7 @@ def kaggle(params: Mapping[str, Any], n_train: int = 27_000, n_test: int = 6_920
     full = (params["image_size"] / 256) ** 2
     parts, n_fit, n_held = _images(params, n_train)
     views = (4 if params["hflip"] > 0 else 3) if params["tta"] else 1
-    seconds = parts * (n_fit * sum(pixels) / train_ips + params["epochs"] * n_held * full / infer_ips
+    seconds = parts * (n_fit * sum(pixels) / train_ips + validated_epochs(params) * n_held * full / infer_ips
                        + (n_held + n_test) * views * full / infer_ips)
     hours = seconds / 3600
     return {"seconds": seconds, "per_part_seconds": seconds / parts, "parts": parts,

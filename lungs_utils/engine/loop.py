@@ -37,7 +37,7 @@ from .device import autocast_dtype, seed_everything, select_device
 from .distributed import all_sum, rank_and_world
 from .inference import infer
 from .optim import make_optimizer, make_scheduler
-from .schedule import train_size
+from .schedule import train_size, validates
 from .state import FitState
 from .tasks import CLASSIFICATION, Classification, Task
 
@@ -159,11 +159,17 @@ def start_fit(model: nn.Module, train_ds: torch.utils.data.Dataset, params: Mapp
         drop_last=per_rank % params["batch_size"] == 1 and per_rank > 1)
     optimizer = make_optimizer(unwrap(model), params)
     dtype = autocast_dtype(device, params["precision"])
+    ema = None
+    if params.get("ema"):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # Buffers averaged too (use_buffers): the batch-norm statistics then match the averaged weights.
+        ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(params["ema"]), use_buffers=True)
     return FitState(params=params, task=task, model=model, net=net, device=device, loader=loader,
                     loss_fn=task.make_loss(params, train_ds).to(device), optimizer=optimizer,
                     scheduler=make_scheduler(optimizer, params, max(1, len(loader))),
                     scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                    generators=generators, dtype=dtype,
+                    generators=generators, dtype=dtype, ema=ema,
                     mixer=presets.mix(params) if isinstance(task, Classification) else None, rank=rank, world=world)
 
 
@@ -184,6 +190,8 @@ def train_one_epoch(s: FitState, epoch: int, *, progress: bool = False) -> dict[
         loss, out, target = train_step(s.net, x, y, params, loss_fn=s.loss_fn, optimizer=s.optimizer,
                                        scaler=s.scaler, scheduler=s.scheduler, mixer=s.mixer,
                                        generator=s.generators["augment"], dtype=s.dtype, task=s.task)
+        if s.ema is not None:
+            s.ema.update_parameters(unwrap(s.model))
         # Device-side bookkeeping only: no .item() (a sync) per batch.
         loss_sum += loss.detach().double() * y.shape[0]
         s.task.update(meter, out.detach(), target)
@@ -204,23 +212,25 @@ def train_one_epoch(s: FitState, epoch: int, *, progress: bool = False) -> dict[
 def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.utils.data.Dataset,
         params: Mapping[str, Any], run_dir: str | os.PathLike[str] | None = None, *,
         progress: bool = True, stop_after: int | None = None, task: Task = CLASSIFICATION,
-        callbacks: Sequence[Callback] | None = None, deadline: float | None = None) -> TrainResult:
+        callbacks: Sequence[Callback] | None = None, deadline: float | None = None,
+        also: Sequence[Callback] = ()) -> TrainResult:
     """Train ``model`` and return its history; leaves the best epoch's weights in ``model``.
 
-    Each epoch: :func:`train_one_epoch`, :func:`evaluate` on the whole validation set, then the
-    callbacks (:func:`lungs_utils.engine.callbacks.default_callbacks` unless given). With ``run_dir`` they write
+    Each epoch: :func:`train_one_epoch`, :func:`evaluate` on the whole validation set (every
+    ``val_every``-th epoch and each of the last quarter: :func:`~lungs_utils.engine.schedule.validates`; with
+    ``ema`` the weights' moving average is what is validated and kept), then the callbacks (:func:`lungs_utils.engine.callbacks.default_callbacks` unless given). With ``run_dir`` they write
     ``history.csv``, ``checkpoints/last.pt`` (full state, for exact resume with ``params['resume']``),
     ``checkpoints/best.pt`` (best validation ``task.score``: macro-F1, or Dice for lung masks) and
     TensorBoard logs in ``tb/``. ``stop_after`` ends this call after that many epochs (the schedule
     still spans ``params['epochs']``), for time-boxed sessions that resume later. ``deadline`` (a
     ``time.time()``) stops after the last epoch that ends before it, and SIGTERM (under
     :func:`lungs_utils.engine.deadline.sigterm_stops_training`) at once, dropping the epoch in progress;
-    ``result.cut`` says so.
+    ``result.cut`` says so. ``also``: callbacks added to the default ones.
     """
     started = time.perf_counter()
     s = start_fit(model, train_ds, params, task)
-    callbacks = default_callbacks(params, run_dir, progress=progress, stop_after=stop_after, deadline=deadline) \
-        if callbacks is None else list(callbacks)
+    callbacks = default_callbacks(params, run_dir, progress=progress, stop_after=stop_after, deadline=deadline,
+                                  also=also) if callbacks is None else list(callbacks)
     for callback in callbacks:
         callback.on_fit_start(s)
     for epoch in range(s.epoch, params["epochs"]):
@@ -229,12 +239,16 @@ def fit(model: nn.Module, train_ds: torch.utils.data.Dataset, val_ds: torch.util
         except TimeUp as up:
             s.stop = s.cut = str(up)
             break
-        t1 = time.perf_counter()
-        # The plain module, not the DDP wrapper: DDP's per-forward buffer broadcast would deadlock
-        # when ranks hold different numbers of validation batches.
-        val_loss, val_metrics = evaluate(s.model, val_ds, params, s.device, s.loss_fn, progress=progress, task=task)
-        s.end_epoch({**row, "val_loss": val_loss, **task.flat(val_metrics, "val_"),
-                     "val_seconds": time.perf_counter() - t1}, val_metrics)
+        if validates(params, epoch + 1):
+            t1 = time.perf_counter()
+            # The plain module, not the DDP wrapper: DDP's per-forward buffer broadcast would deadlock
+            # when ranks hold different numbers of validation batches.
+            val_loss, val_metrics = evaluate(s.evaluated, val_ds, params, s.device, s.loss_fn, progress=progress,
+                                             task=task)
+            s.end_epoch({**row, "val_loss": val_loss, **task.flat(val_metrics, "val_"),
+                         "val_seconds": time.perf_counter() - t1}, val_metrics)
+        else:
+            s.end_epoch(row, None)
         for callback in callbacks:
             callback.on_epoch_end(s)
         if s.stop:

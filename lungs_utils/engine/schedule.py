@@ -3,6 +3,7 @@ estimates (also Kaggle's, which must not import PyTorch) read the same sides."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,23 @@ from typing import Any
 RAMP_SHARE = 0.7
 #: Training sizes are multiples of this (few distinct shapes: kernels and caches are reused).
 SIZE_STEP = 16
+
+
+#: With ``val_every`` > 1, every epoch of this last share of the schedule is still validated: with a decaying
+#: learning rate the best epoch lies there, so the choice of the best checkpoint keeps its resolution.
+VAL_LAST_SHARE = 0.25
+
+
+def validates(params: Mapping[str, Any], epoch: int) -> bool:
+    """Whether the epoch ending with 1-based ``epoch`` is validated: every ``val_every``-th epoch, and every
+    epoch of the last :data:`VAL_LAST_SHARE` of the schedule (the last epoch always)."""
+    every, epochs = params.get("val_every", 1) or 1, params["epochs"]
+    return every <= 1 or epoch % every == 0 or epoch > epochs - max(1, math.ceil(VAL_LAST_SHARE * epochs))
+
+
+def validated_epochs(params: Mapping[str, Any], done: int = 0) -> int:
+    """How many of the epochs after ``done`` are validated (:func:`validates`): the time estimates count these."""
+    return sum(validates(params, e) for e in range(done + 1, params["epochs"] + 1))
 
 
 def train_size(params: Mapping[str, Any], epoch: int) -> int:

@@ -32,6 +32,8 @@ class FitState:
     generators: dict[str, torch.Generator]
     dtype: torch.dtype | None = None
     mixer: Any = None
+    #: The weights' exponential moving average (``ema`` > 0: a ``torch.optim.swa_utils.AveragedModel``).
+    ema: Any = None
     rank: int = 0
     world: int = 1
     epoch: int = 0  # epochs completed
@@ -43,6 +45,7 @@ class FitState:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] | None = None  # the best weights of this call, in memory
     improved: bool = False
+    validated: bool = False  # the last epoch was validated (``val_every``)
     stop: str | None = None  # set by a callback: why the loop ends now
     cut: str | None = None  # the time ran out (deadline.TIME_LIMIT or deadline.SIGTERM): training was cut short
     stopped_early: bool = False
@@ -51,14 +54,26 @@ class FitState:
     checkpoints: dict[str, Path] = field(default_factory=dict)
     resumed_from: Path | None = None  # the checkpoint a resume continued from
 
-    def end_epoch(self, row: dict[str, Any], val_metrics: dict[str, Any]) -> None:
-        """Record a finished epoch: history row, validation metrics, best score and weights."""
-        self.epoch, self.val_metrics = row["epoch"], val_metrics
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated, kept as the best and predicted with: the moving average with
+        ``ema``, else the model itself."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
+    def end_epoch(self, row: dict[str, Any], val_metrics: dict[str, Any] | None) -> None:
+        """Record a finished epoch: history row, and when it was validated (``val_metrics``), the validation
+        metrics, best score and weights; an epoch without validation counts toward no patience."""
+        self.epoch = row["epoch"]
         self.history.append(row)
+        self.validated = val_metrics is not None
+        self.improved = False
+        if val_metrics is None:
+            return
+        self.val_metrics = val_metrics
         score = val_metrics[self.task.score]
         self.improved = score > self.best_score
         if self.improved:
             self.best_score, self.best_epoch, self.bad_epochs, self.best_metrics = score, self.epoch, 0, val_metrics
-            self.best_state = {k: v.detach().clone() for k, v in unwrap(self.model).state_dict().items()}
+            self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
         else:
             self.bad_epochs += 1

@@ -30,6 +30,7 @@ from ..errors import LungsError
 from ..runfolder import CHECKPOINTS, HISTORY_FILE, LAST, METRICS_FILE, BEST, part_dirs, read_json
 from ..xrays.data import XrayDataset
 from ..xrays.folds import Split
+from . import trial
 
 
 @dataclass
@@ -157,7 +158,8 @@ def train_parts(parts: list[Part], task: Task, *, progress: bool = True, stop_af
         t0 = time.perf_counter()
         before = part.epochs_done() if budget is not None else 0
         part.result = fit(part.model, part.train, part.val, part.params, part.folder, progress=progress,
-                          stop_after=budget, task=task, deadline=deadline)
+                          stop_after=budget, task=task, deadline=deadline,
+                          also=trial.callbacks(part.index, len(parts)))
         seconds = time.perf_counter() - t0
         if budget is not None:
             budget -= part.result.epochs_run - before

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 _PATH_KEYS = ("data_dir", "cache_dir", "output_dir")
 
 Overrides = Iterable[str] | Mapping[str, Any]
+#: The error a sweep trial's notebook ends with when its pruner stops it (optuna.TrialPruned).
+PRUNED_ERROR = "TrialPruned"
 
 
 @dataclass
@@ -47,7 +49,7 @@ class RunRecord:
     params_file: Path | None
     run_dir: Path | None
     notebook: Path | None  # the executed notebook
-    status: str  # ok / failed / interrupted
+    status: str  # ok / failed / interrupted / pruned (a sweep trial its pruner stopped)
     seconds: float = 0.0
     val_macro_f1: float | None = None
     error: str | None = None
@@ -66,12 +68,18 @@ class RunRecord:
 # Params files
 # ------------------------------------------------------------------------------------------------
 def expand(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Params files from files and folders (a folder means its ``*.yaml``, sorted by name)."""
+    """Params files from files and folders (a folder means its ``*.yaml``, sorted by name).
+
+    A relative path that is not found here is looked up in the suite, then under its ``params/`` (so a
+    notebook whose kernel runs in ``notebooks/`` can name ``cpu_small.yaml`` or ``demo/15_resnet_tiny.yaml``).
+    """
     files: list[Path] = []
     for item in paths:
         path = Path(item)
         if not path.exists() and not path.is_absolute():
             path = suite_path(str(item))
+            if not path.exists():
+                path = suite_path("params", str(item))
         if path.is_dir():
             found = sorted(list(path.glob("*.yaml")) + list(path.glob("*.yml")))
             if not found:
@@ -274,6 +282,8 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
         line, cell = _error_line(exc)
         where = f" in cell [{cell}]" if cell is not None else ""
         error = f"{line}{where}; see {executed}"
+        if line.startswith(PRUNED_ERROR):  # a sweep's pruner stopped this trial (runs.trial): not a failure
+            status, error = "pruned", line.removeprefix(PRUNED_ERROR).lstrip(": ")
     finally:
         seconds = time.perf_counter() - t0
         info.update(status=status, error=error, finished=timestamp(), wall_seconds=round(seconds, 2))

@@ -226,7 +226,8 @@ def learning_curves(history: pd.DataFrame, title: str | None = None) -> Figure:
             for part, style in (("train", "--"), ("val", "-")):
                 col = f"{part}_{metric}"
                 if col in part_history:
-                    ax.plot(epochs, part_history[col], style, marker=marker, ms=3.5, label=part + suffix,
+                    shown = part_history[col].notna().to_numpy()  # val_every: only the validated epochs
+                    ax.plot(epochs[shown], part_history[col][shown], style, marker=marker, ms=3.5, label=part + suffix,
                             color=colour if part == "val" or fold is not None else "#8C8C8C",
                             alpha=1.0 if part == "val" else 0.6)
             ax.set(title=label, xlabel="epoch")
@@ -374,7 +375,8 @@ def run_overview(history: pd.DataFrame, cm: Sequence[Sequence[int]] | np.ndarray
     epochs = history["epoch"].to_numpy()
     for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_f1, "macro_f1", "macro-F1")):
         ax.plot(epochs, history[f"train_{metric}"], "--", color="#8C8C8C", label="train")
-        ax.plot(epochs, history[f"val_{metric}"], "-", color="#4C72B0", label="val")
+        shown = history[f"val_{metric}"].notna().to_numpy()  # val_every: only the validated epochs
+        ax.plot(epochs[shown], history[f"val_{metric}"][shown], "-", color="#4C72B0", label="val")
         ax.set(title=label, xlabel="epoch")
         ax.legend(frameon=False, fontsize=8)
         _clean(ax)
