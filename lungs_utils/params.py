@@ -90,6 +90,12 @@ SCHEMA: dict[str, Spec] = {
     "warmup_epochs": _s(float, 1.0, "linear warm-up length (cosine)", minimum=0.0),
     "label_smoothing": _s(float, 0.0, "cross-entropy label smoothing", minimum=0.0, maximum=0.5),
     "class_weights": _s((str, list), "none", "loss class weights: none, balanced or [w0, w1, w2]"),
+    "pseudo_labels": _s(str, None, "opt-in semi-supervised training: a finished run (name under outputs/ or folder) "
+                        "whose test probabilities label the test films it is sure of (pseudo_threshold), added to "
+                        "the training films; validation stays on labelled films. Uses the test images: check the "
+                        "competition's rules (docs/pseudo-labels.md)", nullable=True),
+    "pseudo_threshold": _s(float, 0.9, "pseudo_labels: a test film joins training when its top-class probability "
+                           "in that run is at least this (0: every test film)", minimum=0.0, maximum=1.0),
     "grad_clip": _s(float, None, "clip gradient norm to this (null = off)", nullable=True, minimum=0.0),
     "precision": _s(str, "auto", "autocast precision (auto: bf16 on GPUs and bf16-capable CPUs, else fp32; "
                     "fp16 with a gradient scaler on older GPUs)",

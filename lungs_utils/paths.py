@@ -69,6 +69,12 @@ def outputs_dir() -> Path:
     return project_root() / "outputs"
 
 
+def child_pythonpath() -> str:
+    """``PYTHONPATH`` for a child process (a notebook kernel, a torchrun worker) that must import this very
+    package: on Kaggle the copy a bundle unpacked, which no installed one stands in for."""
+    return os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+
+
 def suite_path(*parts: str) -> Path:
     """``<project root>/<parts>`` when it exists, else the same path in this package's checkout.
 

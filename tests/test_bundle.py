@@ -40,6 +40,22 @@ def write_params(folder: Path, **changes) -> Path:
     return path
 
 
+def run_as_on_kaggle(out: Path, meta: dict, tmp_path: Path, kaggle_input: Path) -> tuple[Path, Path, Path]:
+    """Execute a bundle's notebook the way Kaggle does: its own working folder, the competition mounted at
+    ``kaggle_input``, no checkout on ``PYTHONPATH``. Returns (working folder, outputs, executed notebook)."""
+    work, outputs = tmp_path / "working", tmp_path / "outputs"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "LUNGS_HOME", "LUNGS_DATA_DIR", "LUNGS_CACHE_DIR") and not k.startswith("KAGGLE_")}
+    env.update(LUNGS_KAGGLE_INPUT=str(kaggle_input), LUNGS_OUTPUTS=str(outputs), MPLBACKEND="Agg")
+    executed = tmp_path / "executed.ipynb"
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(out / meta["code_file"]), str(executed),
+                           "--cwd", str(work), "-k", "python3", "--log-level", "ERROR"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, outputs, executed
+
+
 def read_bundle(folder: Path) -> tuple[dict, dict]:
     meta = json.loads((folder / B.METADATA_FILE).read_text())
     return meta, json.loads((folder / meta["code_file"]).read_text())
@@ -338,17 +354,7 @@ def test_bundled_notebook_runs_with_the_embedded_package(tmp_path: Path, gpus: i
     train_cell = next(source(c) for c in bundled["cells"] if B.TRAIN_CALL in source(c))
     assert ("--nproc_per_node=2" in train_cell) == (gpus == 2)
 
-    work, outputs = tmp_path / "working", tmp_path / "outputs"
-    work.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "LUNGS_HOME", "LUNGS_DATA_DIR", "LUNGS_CACHE_DIR") and
-           not k.startswith("KAGGLE_")}
-    env.update(LUNGS_KAGGLE_INPUT=str(kaggle_input), LUNGS_OUTPUTS=str(outputs), MPLBACKEND="Agg")
-    executed = tmp_path / "executed.ipynb"
-    proc = subprocess.run([sys.executable, "-m", "papermill", str(out / meta["code_file"]), str(executed),
-                           "--cwd", str(work), "-k", "python3", "--log-level", "ERROR"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    work, outputs, executed = run_as_on_kaggle(out, meta, tmp_path, kaggle_input)
 
     # lungs_utils came from the copy the first cell unpacked, not from the editable install.
     nb = json.loads(executed.read_text())
@@ -388,3 +394,33 @@ def test_two_gpus_need_a_classifier_notebook_and_a_gpu(tmp_path: Path) -> None:
         B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "b", user="alice", gpus=2, gpu=False)
     with pytest.raises(LungsError, match="one GPU or two"):
         B.kernel_bundle(write_params(tmp_path / "p"), tmp_path / "b", user="alice", gpus=4)
+
+
+def test_a_sweep_bundle_carries_its_recipe_and_runs_its_trials_with_the_embedded_package(tmp_path: Path) -> None:
+    """97_sweep on Kaggle: every trial is a notebook run in its own kernel, which must find the recipe's
+    notebook, params and space and import the unpacked package (nothing of this checkout)."""
+    from lungs_utils.runs import sweep
+    from lungs_utils.xrays import phantom
+
+    kaggle_input = tmp_path / "kaggle_input"
+    phantom.generate(kaggle_input / "competitions" / COMPETITION, n_train=36, n_test=9, size=32, workers=1)
+    recipe = write_params(tmp_path / "local", run_name="tiny", data_dir=str(tmp_path / "nowhere"), epochs=2)
+    space = tmp_path / "local" / "lr_only.yaml"
+    space.write_text("lr: {low: 1.0e-3, high: 3.0e-3, log: true}\n")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"notebook: 97_sweep.ipynb\nrun_name: kaggle_sweep\nbase_params: {recipe}\n"
+                          f"space: {space}\ntrials: 2\npruner: none\n")
+    out = B.kernel_bundle(sweep_file, tmp_path / "bundle", user="alice")
+    meta, bundled = read_bundle(out)
+    baked = assignments(next(source(c) for c in bundled["cells"] if "parameters" in c["metadata"].get("tags", [])
+                             ).split("\n", 3)[3])
+    assert (baked["base_params"], baked["space"], baked["data_dir"]) == ("smoke.yaml", "sweep/lr_only.yaml", None)
+
+    _, outputs, _ = run_as_on_kaggle(out, meta, tmp_path, kaggle_input)
+    trials = pd.read_csv(outputs / "kaggle_sweep" / sweep.TRIALS_FILE)
+    assert sorted(trials["state"]) == ["complete", "complete"]
+    for k in range(2):  # each trial a run of the bundled recipe (smoke.yaml exists nowhere else) on the mount
+        run = outputs / f"kaggle_sweep-t00{k}"
+        assert params_mod.read_yaml(run / "params.yaml")["epochs"] == 2 and (run / "submission.csv").is_file()
+        assert str(PACKAGE) not in (run / "10_simple_cnn.ipynb").read_text()
+    assert (outputs / "kaggle_sweep" / sweep.BEST_FILE).is_file()

@@ -23,11 +23,14 @@ submission and pushed notebook lands there, where the steps check it. Nothing re
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +256,15 @@ def _bundle(folder: str, *, gpus: int = 1, pushed_version: int | None = None, pe
     return check
 
 
+def _swept_bundle(proc, p: Project) -> None:
+    _bundle("kaggle/sweep")(proc, p)
+    assert proc.stdout.count("a sweep of 30 trials, each expected on Kaggle") == 1  # one trial of cpu_small
+    notebook = json.loads((p.home / "kaggle/sweep/97_sweep.ipynb").read_text())
+    boot = "".join(notebook["cells"][1]["source"])
+    carried = zipfile.ZipFile(io.BytesIO(base64.b64decode(re.search(r'_lungs_zip = "([^"]+)"', boot).group(1))))
+    assert {"params/cpu_small.yaml", "params/sweep/cpu_space.yaml", "notebooks/15_modern.ipynb"} <= set(carried.namelist())
+
+
 def _pushed_by_hand(proc, p: Project) -> None:
     assert "Kernel version 2 successfully pushed." in proc.stdout, proc.stdout  # --push made version 1
     pushed = p.server / "kernels" / KAGGLE_USER / "lungs-resnet18" / "2"
@@ -278,6 +290,15 @@ def _ensembled(proc, p: Project) -> None:
     assert "ensemble (mean)" in proc.stdout
     assert json.loads((p.outputs / "qu_cv_bag" / "ensemble.json").read_text())["method"] == "mean"
     _submission_covers(p.outputs / "qu_cv_bag" / "submission.csv", sorted(pd.read_csv(p.qu_dev / "test_answers.csv")["id"]))
+
+
+def _pseudo_labelled(proc, p: Project) -> None:
+    _trained("qu_cv_pseudo", cv=3, data="qu")(proc, p)
+    threshold = yaml.safe_load((ROOT / "params" / "cpu_cv_pseudo.yaml").read_text())["pseudo_threshold"]
+    source = pd.read_csv(p.outputs / "qu_cv" / "test_predictions.csv")[["p0", "p1", "p2"]].to_numpy()
+    record = _metrics(p, "qu_cv_pseudo")["pseudo_labels"]
+    assert record["run"] == "qu_cv" and record["threshold"] == threshold
+    assert record["films"] == int((source.max(axis=1) >= threshold).sum()) and record["of_test"] == N_TEST
 
 
 def _audited(proc, p: Project) -> None:
@@ -350,11 +371,14 @@ STEPS = [
     Step("lungs kaggle-kernel params/11_resnet18.yaml --out kaggle/resnet18-2gpu --gpus 2",
          check=_bundle("kaggle/resnet18-2gpu", gpus=2)),
     Step("lungs kaggle-kernel params/cpu_cv.yaml --out kaggle/cpu_cv", check=_bundle("kaggle/cpu_cv", per_fold=True)),
+    Step("lungs kaggle-kernel params/97_sweep.yaml --out kaggle/sweep", check=_swept_bundle),
     # README / docs/cross-validation.md: cross-validation on a labelled set, compared and combined
     Step("lungs run params/cpu_cv.yaml -p data_dir=QU_DEV/data -p run_name=qu_cv", SHRINK,
          _trained("qu_cv", cv=3, data="qu")),
     Step("lungs run params/cpu_cv.yaml -p data_dir=QU_DEV/data -p run_name=qu_cv -p seed=1 --suffix", SHRINK,
          _trained("qu_cv-2", cv=3, data="qu")),
+    Step("lungs run params/cpu_cv_pseudo.yaml -p data_dir=QU_DEV/data -p pseudo_labels=qu_cv -p run_name=qu_cv_pseudo",
+         SHRINK, _pseudo_labelled),
     Step("lungs leaderboard", check=_leaderboard),
     Step("lungs score outputs/qu_cv/submission.csv outputs/qu_cv-2/submission.csv --answers QU_DEV/test_answers.csv",
          check=_compared),

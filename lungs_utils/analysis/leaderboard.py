@@ -137,6 +137,13 @@ def _time_cut(metrics: dict[str, Any]) -> str:
     return f"{record['cut']}: {len(record.get('parts_used', []))} of {record.get('parts', '?')} part(s) used"
 
 
+def _pseudo_note(metrics: dict[str, Any]) -> str:
+    """A pseudo-labelled run's held-out score is optimistic (its test labels were learned from every train
+    film, the held-out ones too): the leaderboard says so beside it."""
+    record = metrics.get("pseudo_labels") or {}
+    return f" (+{record['films']} pseudo-labelled: optimistic)" if record.get("films") else ""
+
+
 def row_for(run_dir: Path) -> dict[str, Any]:
     """One leaderboard row: core columns plus every param (prefixed ``param.``)."""
     folder = RunFolder(run_dir)
@@ -155,7 +162,7 @@ def row_for(run_dir: Path) -> dict[str, Any]:
         "vs_best": "", "gap_to_best": np.nan, "gap_low": np.nan, "gap_high": np.nan,
         "val_images": len(labels) if labels is not None else metrics.get("n_val", np.nan),
         "val_set": ("out-of-fold" if metrics.get("cv") or metrics.get("oof")
-                    else "validation" if labels is not None else ""),
+                    else "validation" if labels is not None else "") + _pseudo_note(metrics),
         "val_accuracy": metrics.get("val_accuracy", np.nan),
         "epochs": metrics.get("epochs_run", np.nan),
         "best_epoch": metrics.get("best_epoch", np.nan),

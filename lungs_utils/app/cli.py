@@ -203,9 +203,12 @@ def _kaggle_kernel(args: argparse.Namespace) -> int:
     from ..competition.bundle import bundle_params
     from ..engine.estimate import kaggle
 
+    from ..runs.sweep import is_sweep, recipe_of
+
     baked = bundle_params(args.params, args.param, args.gpus)
-    expected = kaggle(baked, gpus=args.gpus)
-    print(expected["line"])
+    sweep = is_sweep(baked)
+    expected = kaggle(recipe_of(baked) if sweep else baked, gpus=args.gpus)
+    print(f"a sweep of {baked['trials']} trials, each " + expected["line"] if sweep else expected["line"])
     print(f"time_limit {baked['time_limit']:g} min: training stops at a clean point in time to write a submission "
           "before Kaggle's session ends (-p time_limit=... to change it)")
     if expected["warning"]:

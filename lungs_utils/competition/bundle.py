@@ -52,18 +52,21 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same source gives the
 # ------------------------------------------------------------------------------------------------
 # The embedded package
 # ------------------------------------------------------------------------------------------------
-def package_archive(package_dir: str | os.PathLike[str] = _PACKAGE) -> bytes:
-    """A deterministic zip of the package's ``*.py`` files (``lungs_utils/...``), no caches."""
+def package_archive(package_dir: str | os.PathLike[str] = _PACKAGE, extra: Mapping[str, bytes] | None = None
+                    ) -> bytes:
+    """A deterministic zip of the package's ``*.py`` files (``lungs_utils/...``), no caches, and ``extra``
+    files (name → bytes) beside it (a sweep's recipe, search space and notebook)."""
     package_dir = Path(package_dir)
     files = sorted(p for p in package_dir.rglob("*.py")
                    if "__pycache__" not in p.relative_to(package_dir).parts)
+    members = [(f"lungs_utils/{p.relative_to(package_dir).as_posix()}", p.read_bytes()) for p in files]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in files:
-            info = zipfile.ZipInfo(f"lungs_utils/{path.relative_to(package_dir).as_posix()}", _ZIP_DATE)
+        for name, data in members + sorted((extra or {}).items()):
+            info = zipfile.ZipInfo(name, _ZIP_DATE)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, path.read_bytes())
+            zf.writestr(info, data)
     return buffer.getvalue()
 
 
@@ -316,6 +319,7 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
     ``user``, ``KAGGLE_USERNAME`` or kaggle.json; slug and title default to ``lungs-<run_name>``.
     """
     from ..paths import find_notebook
+    from ..runs.sweep import bundle_files, is_sweep
 
     if gpus not in (1, 2):
         raise LungsError(f"--gpus {gpus}: Kaggle notebooks have one GPU or two (\"GPU T4 x2\"); pass 1 or 2")
@@ -333,6 +337,9 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
         raise LungsError(f"params: unknown model {values['model']!r}; valid names: {', '.join(names)}")
     if values["device"] == "cuda" and not gpu:
         raise LungsError("params: device 'cuda' needs a GPU notebook; drop --no-gpu or set -p device=auto")
+    extra: dict[str, bytes] = {}
+    if is_sweep(values):  # each trial runs the recipe's notebook: the bundle carries it, its params and space
+        values, extra = bundle_files(values)
     notebook = find_notebook(values["notebook"])
     user = _user(user)
     slug, title = _names(values["run_name"], slug, title)
@@ -347,7 +354,7 @@ def kernel_bundle(params_path: str | os.PathLike[str], out_dir: str | os.PathLik
     given = ([f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, Mapping)
              else list(overrides))
     origin = path.name + (f" with {' '.join(given)}" if given else "")
-    nb = _bundle_notebook(notebook, values, origin, package_archive())
+    nb = _bundle_notebook(notebook, values, origin, package_archive(extra=extra))
     meta = kernel_metadata(user=user, slug=slug, title=title, code_file=notebook.name, gpu=gpu,
                            internet=internet, private=private, gpus=gpus)
 

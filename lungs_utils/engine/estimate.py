@@ -210,11 +210,14 @@ def time_steps(params: Mapping[str, Any], shape: tuple[int, int]) -> Timings:
     return Timings(per_image, eval_per_image, save_s, machine)
 
 
-def cost(params: Mapping[str, Any], timings: Timings, n_train: int, n_test: int, done: int = 0) -> Estimate:
+def cost(params: Mapping[str, Any], timings: Timings, n_train: int, n_test: int, done: int = 0,
+         n_extra: int = 0) -> Estimate:
     """The cost model: ``timings`` multiplied out over the recipe's parts, epochs (``done`` of them already
-    trained), images, test-time views and the audit."""
+    trained), images (``n_extra``: films every part trains on besides its labelled ones, the pseudo-labelled
+    test films), test-time views and the audit."""
     seg = is_segmentation(params)
     parts, n_fit, n_held = _images(params, n_train)
+    n_fit += n_extra
     epochs = params["epochs"]
     sizes = _sizes(params)
     left_epochs = max(0, parts * epochs - done)
@@ -229,7 +232,8 @@ def cost(params: Mapping[str, Any], timings: Timings, n_train: int, n_test: int,
         parts * n_held * ((OCCLUDED_CELLS + 3) * eval_s + timings.train_cost(params["image_size"]))
     parts_s = {"training": train_s + overhead_s, "validation": val_s, "prediction": predict_s, "audit": audit_s,
                "start-up": START_S}
-    plan = (f"{parts} fold(s) x " if parts > 1 else "") + f"{epochs} epochs x {n_fit} train + {n_held} held-out " \
+    plan = (f"{parts} fold(s) x " if parts > 1 else "") + f"{epochs} epochs x {n_fit - n_extra} train " + \
+        (f"(+{n_extra} pseudo-labelled) " if n_extra else "") + f"+ {n_held} held-out " \
         f"films, {n_test} test films" + (f" x {views} views" if views > 1 else "") + \
         (f"; {done} epoch(s) already done" if done else "")
     measured = "timed: " + ", ".join(f"{s * 1e3:.1f} ms per training image at {side} px"
@@ -239,10 +243,11 @@ def cost(params: Mapping[str, Any], timings: Timings, n_train: int, n_test: int,
                     {"per_image_train": timings.per_image_train, "per_image_eval": eval_s, "save_s": timings.save_s})
 
 
-def measure(params: Mapping[str, Any], n_train: int, n_test: int, shape: tuple[int, int]) -> Estimate:
-    """The estimate for ``params`` on ``n_train`` labelled and ``n_test`` test films stored at ``shape``:
-    :func:`time_steps` here, then :func:`cost`."""
-    return cost(params, time_steps(params, shape), n_train, n_test, _done(params))
+def measure(params: Mapping[str, Any], n_train: int, n_test: int, shape: tuple[int, int],
+            n_extra: int = 0) -> Estimate:
+    """The estimate for ``params`` on ``n_train`` labelled and ``n_test`` test films stored at ``shape``
+    (and ``n_extra`` pseudo-labelled ones): :func:`time_steps` here, then :func:`cost`."""
+    return cost(params, time_steps(params, shape), n_train, n_test, _done(params), n_extra)
 
 
 class _Labels:
@@ -258,11 +263,21 @@ def _sync(device: Any) -> None:
 
 def for_params(params: Mapping[str, Any], *, progress: bool = False) -> Estimate:
     """The estimate for a resolved params mapping: counts the data's films (decoding them into the cache
-    once, as the run would), then :func:`measure`."""
+    once, as the run would) and the pseudo-labelled test films it would add, then :func:`measure`."""
+    import warnings
+
+    from ..paths import run_dir
     from ..xrays import data as data_mod
+    from ..xrays import pseudo
 
     data = data_mod.load(params["data_dir"], cache_dir=params["cache_dir"], progress=progress)
-    return measure(params, len(data.train), len(data.test), data.image_size)
+    extra = 0
+    if params.get("pseudo_labels"):
+        with warnings.catch_warnings():  # "none selected" is the run's to say, once
+            warnings.simplefilter("ignore")
+            extra = len(pseudo.select(params["pseudo_labels"], data.test.ids, params["pseudo_threshold"],
+                                      run_dir(params)))
+    return measure(params, len(data.train), len(data.test), data.image_size, extra)
 
 
 # ------------------------------------------------------------------------------------------------ Kaggle

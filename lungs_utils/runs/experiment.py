@@ -47,7 +47,9 @@ from ..stats.bootstrap import f1_interval
 from ..stats.metrics import classification_metrics
 from ..xrays import data as data_mod
 from ..xrays.folds import Split, split_from_params
+from ..xrays import pseudo
 from ..xrays.masks import saved_masks
+from ..xrays.pseudo import PseudoLabels
 from ..xrays.submission import OOF_FILE, submission_frame, test_frame, val_frame, write_predictions
 from . import parts as parts_mod
 from . import torchrun
@@ -68,6 +70,8 @@ class Experiment:
     result: TrainResult | CVResult | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)  # when the run began: its time_limit counts from here
+    #: With ``pseudo_labels``: the test films added to every part's training films.
+    pseudo: PseudoLabels | None = None
 
     @property
     def cv(self) -> int | None:
@@ -114,6 +118,19 @@ def _datasets(data: data_mod.LungsData, rows: pd.DataFrame, params: Mapping[str,
     return data_mod.datasets(data, rows, use_masks=use, val_masks=masks[0], test_masks=masks[1])
 
 
+def _pseudo_films(data: data_mod.LungsData, test: data_mod.XrayDataset, params: Mapping[str, Any],
+                  run_dir: Path) -> tuple[PseudoLabels | None, data_mod.XrayDataset | None]:
+    """With ``pseudo_labels``: the test films that run labels confidently, as a labelled dataset (with the
+    test set's lung masks when the recipe uses masks)."""
+    if not params["pseudo_labels"]:
+        return None, None
+    found = pseudo.select(params["pseudo_labels"], data.test.ids, params["pseudo_threshold"], run_dir)
+    labels = np.full(len(data.test), -1, dtype=np.int64)
+    labels[found.rows] = found.labels
+    return found, data_mod.XrayDataset(data.test.images, data.test.ids, labels, test.masks, found.rows,
+                                       inverted=data.inverted_test)
+
+
 def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
     """Load (and cache) the data, make the split, the test set and the parts (datasets and a model each,
     fold ``k`` seeded ``seed + k``); write ``params.yaml``, ``split.csv`` and ``polarity.json``."""
@@ -130,8 +147,15 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
     split = split_from_params(data, params)
     masks = _mask_arrays(data, params, progress)
     test = _datasets(data, split.part(0), params, masks)[2]
-    parts = parts_mod.make_parts(params, run_dir, split, lambda rows: _datasets(data, rows, params, masks)[:2],
-                                 lambda: models.for_params(params))
+    found, extra = _pseudo_films(data, test, params, run_dir)
+
+    def part_datasets(rows: pd.DataFrame) -> tuple[data_mod.XrayDataset | data_mod.JoinedDataset, data_mod.XrayDataset]:
+        train, val = _datasets(data, rows, params, masks)[:2]
+        return (data_mod.JoinedDataset(train, extra) if extra is not None and len(extra) else train), val
+
+    parts = parts_mod.make_parts(params, run_dir, split, part_datasets, lambda: models.for_params(params))
+    if found is not None and is_main_process():
+        print(found.line(), flush=True)
     if is_main_process():
         parts_mod.check_room(run_dir, parts, len(data.train) + len(data.test))
         paths.make_run_dir(params)
@@ -140,7 +164,7 @@ def prepare(params: Mapping[str, Any], *, progress: bool = True) -> Experiment:
         if data.polarity is not None:
             data.polarity.save(run_dir / POLARITY_FILE, {"train": data.train.ids[data.inverted_train],
                                                          "test": data.test.ids[data.inverted_test]})
-    return Experiment(params, run_dir, data, split, test, parts, started=started)
+    return Experiment(params, run_dir, data, split, test, parts, started=started, pseudo=found)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -248,6 +272,7 @@ def score(exp: Experiment, pooled: Pooled) -> dict[str, Any]:
         "calibration": calibrated,
         "cv": _cv_summary(used, pooled.val_fold, y, val_probs, p["seed"]) if exp.cv else None,
         "time_limit": parts_mod.time_record(exp.parts, used, p),
+        "pseudo_labels": exp.pseudo.summary() if exp.pseudo is not None else None,
     }
     frame = val_frame(pooled.val_ids, y, val_probs)
     submission = None

@@ -28,7 +28,7 @@ from ..engine.loop import TrainResult, fit
 from ..engine.tasks import Task
 from ..errors import LungsError
 from ..runfolder import CHECKPOINTS, HISTORY_FILE, LAST, METRICS_FILE, BEST, part_dirs, read_json
-from ..xrays.data import XrayDataset
+from ..xrays.data import JoinedDataset, XrayDataset
 from ..xrays.folds import Split
 from . import trial
 
@@ -41,7 +41,7 @@ class Part:
     folder: Path
     params: dict[str, Any]
     rows: pd.DataFrame  # id, target_feature, split (train / val)
-    train: XrayDataset
+    train: XrayDataset | JoinedDataset  # joined: with pseudo-labelled test films
     val: XrayDataset
     model: nn.Module
     result: TrainResult | None = None
@@ -88,7 +88,7 @@ def check_resumable(params: Mapping[str, Any], run_dir: Path) -> None:
 
 
 def make_parts(params: Mapping[str, Any], run_dir: Path, split: Split,
-               datasets: Callable[[pd.DataFrame], tuple[XrayDataset, XrayDataset]],
+               datasets: Callable[[pd.DataFrame], tuple[XrayDataset | JoinedDataset, XrayDataset]],
                build: Callable[[], nn.Module]) -> list[Part]:
     """One :class:`Part` per fold of ``split`` (or one for a single split): its datasets from
     ``datasets(rows)``, its model from ``build()`` seeded with the part's seed (the same initial weights

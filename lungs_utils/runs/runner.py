@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import params as params_mod
 from ..errors import LungsError
-from ..paths import CLAIMED_ENV, ESTIMATE_ENV, claim, find_notebook, project_root, release, suite_path, timestamp
+from ..paths import (CLAIMED_ENV, ESTIMATE_ENV, child_pythonpath, claim, find_notebook, project_root, release,
+                     suite_path, timestamp)
 from ..runfolder import KERNEL_LOG, METRICS_FILE, PARAMS_FILE
 from .provenance import machine, write_run_json
 
@@ -264,7 +265,7 @@ def execute(params_file: str | os.PathLike[str] | None, overrides: Overrides = (
 
         # Plain-text progress: widget bars become unreadable JSON in an executed notebook.
         env = {"LUNGS_PROGRESS": "off" if os.environ.get("LUNGS_PROGRESS") == "off" else "plain",
-               "LUNGS_HOME": str(project_root()), CLAIMED_ENV: str(folder.resolve()),
+               "LUNGS_HOME": str(project_root()), CLAIMED_ENV: str(folder.resolve()), "PYTHONPATH": child_pythonpath(),
                ESTIMATE_ENV: expected.to_json() if expected else ""}
         with _kernel_environment(**env):
             papermill.execute_notebook(str(notebook_in), str(executed), parameters=values,

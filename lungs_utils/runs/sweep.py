@@ -32,11 +32,10 @@ import yaml
 from .. import params as params_mod
 from ..errors import LungsError
 from ..io import atomic_write_csv, atomic_write_text
-from ..paths import suite_path
+from ..paths import find_notebook, suite_path
 from ..runfolder import METRICS_FILE, read_json
 from ..stats.bootstrap import WITHIN_NOISE
 from . import runner
-from .trial import TRIAL_ENV, make_pruner
 
 #: The space a sweep searches unless ``space`` names another (under params/).
 DEFAULT_SPACE = "sweep/cpu_space.yaml"
@@ -125,11 +124,17 @@ def check_space(raw: Any, source: str) -> dict[str, Dim]:
     return space
 
 
-def load_space(path: str | os.PathLike[str] | None) -> dict[str, Dim]:
-    """The search space in ``path`` (a file, or a name under params/; None: :data:`DEFAULT_SPACE`)."""
+def space_file(path: str | os.PathLike[str] | None) -> Path:
+    """The search space's file: ``path`` itself, or a name under params/ (None: :data:`DEFAULT_SPACE`)."""
     found = Path(path) if path is not None and Path(path).is_file() else suite_path("params", str(path or DEFAULT_SPACE))
     if not found.is_file():
         raise LungsError(f"search space not found: {path}; give a YAML file (e.g. params/{DEFAULT_SPACE})")
+    return found
+
+
+def load_space(path: str | os.PathLike[str] | None) -> dict[str, Dim]:
+    """The search space in ``path`` (a file, or a name under params/; None: :data:`DEFAULT_SPACE`)."""
+    found = space_file(path)
     try:
         raw = yaml.safe_load(found.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -190,6 +195,8 @@ def open_study(folder: Path, settings: Settings | None = None) -> tuple[Any, Set
     sweep's must match them."""
     import optuna
 
+    from .trial import make_pruner  # its callbacks need torch; commands that only bundle a sweep do not
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     saved_path = folder / SWEEP_FILE
     if saved_path.is_file():
@@ -238,6 +245,8 @@ def storage_url(folder: Path) -> str:
 @contextlib.contextmanager
 def _trial_environment(folder: Path, study: Any, trial: Any, settings: Settings) -> Iterator[None]:
     """The variable that tells a trial's run which study and trial it reports to (:mod:`.trial`)."""
+    from .trial import TRIAL_ENV
+
     old = os.environ.get(TRIAL_ENV)
     os.environ[TRIAL_ENV] = json.dumps({"storage": storage_url(folder), "study": study.study_name,
                                         "trial_id": trial._trial_id, "pruner": settings.pruner})
@@ -317,6 +326,32 @@ def run(values: Mapping[str, Any], folder: Path, overrides: Sequence[str] = (), 
 SWEEP_NOTEBOOK = "97_sweep.ipynb"
 
 
+def is_sweep(values: Mapping[str, Any]) -> bool:
+    """Whether these params run a sweep (its notebook) rather than one recipe."""
+    return values.get("notebook") == SWEEP_NOTEBOOK
+
+
+def recipe_of(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The params of one trial of the sweep ``values`` as the recipe gives them (what a trial costs)."""
+    return runner.resolve(runner.expand([values["base_params"]])[0])
+
+
+def bundle_files(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """What a Kaggle notebook of a sweep carries besides the package, and its params pointing at them: the
+    recipe's params file (local paths dropped), the search space and the recipe's notebook, as
+    ``params/...`` and ``notebooks/...`` beside the unpacked package, where :func:`suite_path` finds them."""
+    base = runner.expand([values["base_params"]])[0]
+    recipe = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
+    recipe.update({k: None for k in ("data_dir", "output_dir", "cache_dir") if recipe.get(k) is not None})
+    space = space_file(values["space"])
+    notebook = find_notebook(runner.resolve(base)["notebook"])
+    files = {f"params/{base.name}": (f"# {base.name} as bundled for Kaggle (local paths dropped)\n"
+                                     + yaml.safe_dump(recipe, sort_keys=False)).encode(),
+             f"params/sweep/{space.name}": space.read_bytes(),
+             f"notebooks/{notebook.name}": notebook.read_bytes()}
+    return {**values, "base_params": base.name, "space": f"sweep/{space.name}"}, files
+
+
 def sweep_values(params_file: str | os.PathLike[str], *, trials: int, minutes: float | None = None,
                  space: str | None = None, objective: str = "auto", pruner: str = "median",
                  name: str | None = None) -> dict[str, Any]:
@@ -382,6 +417,9 @@ def finish(folder: Path, study: Any, settings: Settings, *, say: Any = print) ->
                f"{', '.join(map(str, near)) if near else 'none'}."),
               f"Made from {Path(settings.base_params).name} with the searched values: "
               + ", ".join(f"{k}={v}" for k, v in best.params.items()) + "."]
+    said = baseline_line(table, best.number, Path(settings.base_params).name)
+    if said:
+        header.append(said)
     if estimate:
         header.append(f"Here, {estimate}.")
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(
@@ -391,7 +429,29 @@ def finish(folder: Path, study: Any, settings: Settings, *, say: Any = print) ->
     atomic_write_text(path, text)
     say(ranking_text(table))
     say(f"best recipe: {path} (lungs run {path})" + (f"; {estimate}" if estimate else ""))
+    if said:
+        say(said)
     return path
+
+
+def baseline_line(table: pd.DataFrame, best: int, base_name: str) -> str | None:
+    """What the study says of the recipe it started from (the trial enqueued as the baseline), against its best
+    trial on the same films; None when the baseline did not complete. A study's best within noise of where it
+    started has not shown that its changes pay: on held-out films such a "best" often scores lower."""
+    if "baseline" not in table or "vs_best" not in table:
+        return None
+    rows = table[table["baseline"].astype(bool) & table["state"].eq("complete")]
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
+    name = f"The base recipe as given ({base_name}, trial {int(row['trial'])})"
+    if int(row["trial"]) == best:
+        return f"{name} is the best trial: keep it."
+    if row["vs_best"] == WITHIN_NOISE:
+        return (f"{name} is within noise of the best (paired): this study does not show that the searched changes "
+                f"pay; keep {base_name} unless a paired score on held-out films says otherwise.")
+    return (f"{name} is behind the best by {-row['gap_to_best']:.3f} macro-F1 (95 % CI {-row['gap_high']:.3f} to "
+            f"{-row['gap_low']:.3f}, paired): the searched changes pay on these films.")
 
 
 def ranking_text(table: pd.DataFrame, top: int = 15) -> str:

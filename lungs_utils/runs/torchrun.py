@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lungs_utils
-
 from ..errors import LungsError, failure_line
-from ..paths import CLAIMED_ENV, ESTIMATE_ENV
+from ..paths import CLAIMED_ENV, ESTIMATE_ENV, child_pythonpath
 from ..runfolder import PARAMS_FILE, TORCHRUN_LOG
 
 
@@ -27,9 +25,7 @@ def launch(run_dir: Path, nproc: int, expected: str = "") -> None:
     """Train the run in ``run_dir`` (every fold of a cross-validation run) in ``nproc`` torchrun processes
     and wait for them; a failure is one error line (a rank's own, else torchrun's last word) pointing at
     the log. ``expected`` is the estimate already said here: the workers repeat it."""
-    # The child processes must import this very package (on Kaggle: the copy unpacked by the notebook).
-    root = str(Path(lungs_utils.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(),
            # The caller claimed the folder: the workers write into it, clearing nothing.
            CLAIMED_ENV: str(run_dir.resolve()), ESTIMATE_ENV: expected}
     cmd = command(run_dir / PARAMS_FILE, nproc)

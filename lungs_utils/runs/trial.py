@@ -78,7 +78,8 @@ class Report(Callback):
         self.last_step = step
         score = float(s.val_metrics[s.task.score])
         self.trial.report(score, step)
-        if self.trial.should_prune():
+        # At 100 % the run has trained all it will: stopping it would save nothing and lose its result.
+        if step < 100 and self.trial.should_prune():
             import optuna
 
             raise optuna.TrialPruned(f"trial {self.trial.number} pruned at {step} % of its run (epoch {s.epoch}"

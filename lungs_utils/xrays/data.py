@@ -11,6 +11,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +211,44 @@ class XrayDataset(torch.utils.data.Dataset):
         x = self._rows(rows)
         labels = [-1] * len(rows) if self.all_labels is None else self.all_labels[rows].tolist()
         return list(zip(x.unbind(0), labels, self.all_ids[rows].tolist()))
+
+
+class JoinedDataset(torch.utils.data.Dataset):
+    """Two labelled datasets read as one, ``first``'s items then ``second``'s: a training part with the
+    pseudo-labelled test films (:mod:`lungs_utils.xrays.pseudo`) added, without copying either's films."""
+
+    def __init__(self, first: XrayDataset, second: XrayDataset) -> None:
+        if (first.masks is None) != (second.masks is None):
+            raise LungsError("joined datasets must both carry lung masks or both not")
+        self.first, self.second = first, second
+        self.masks = first.masks  # what callers check: whether items carry a mask channel
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.concatenate([self.first.ids, self.second.ids])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([self.first.labels, self.second.labels])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        n = len(self.first)
+        return self.first[i] if i < n else self.second[i - n]
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """One batched read from each side, in the order asked."""
+        items = np.asarray(items, dtype=np.int64)
+        n = len(self.first)
+        mine = items < n
+        out: list[Any] = [None] * len(items)
+        for side, where, offset in ((self.first, np.flatnonzero(mine), 0), (self.second, np.flatnonzero(~mine), n)):
+            if len(where):
+                for slot, item in zip(where, side.__getitems__((items[where] - offset).tolist())):
+                    out[slot] = item
+        return out
 
 
 def datasets(data: LungsData, split: pd.DataFrame, *, use_masks: bool = False,
