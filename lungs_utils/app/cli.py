@@ -202,7 +202,6 @@ def _kaggle_kernel(args: argparse.Namespace) -> int:
     print(f"Kaggle notebook folder: {out}")
     from ..competition.bundle import bundle_params
     from ..engine.estimate import kaggle
-
     from ..runs.sweep import is_sweep, recipe_of
 
     baked = bundle_params(args.params, args.param, args.gpus)

@@ -46,8 +46,8 @@ from ..stats import calibration, decision
 from ..stats.bootstrap import f1_interval
 from ..stats.metrics import classification_metrics
 from ..xrays import data as data_mod
-from ..xrays.folds import Split, split_from_params
 from ..xrays import pseudo
+from ..xrays.folds import Split, split_from_params
 from ..xrays.masks import saved_masks
 from ..xrays.pseudo import PseudoLabels
 from ..xrays.submission import OOF_FILE, submission_frame, test_frame, val_frame, write_predictions
