@@ -71,3 +71,24 @@ def test_competition_bad_parameter_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
     assert "unknown key 'epochz'" in out.stderr
     assert not any(tmp_path.iterdir())  # nothing generated before the parameters were checked
+
+
+@pytest.mark.slow
+def test_notebook_defaults_reports_minutes_and_score_against_the_floor(tmp_path: Path) -> None:
+    """bench/notebook_defaults.py at dry-run size: one notebook run by papermill, its line, and the exit
+    status that follows from the printed score; an unknown notebook is one error line."""
+    data = tmp_path / "ph"
+    subprocess.run([sys.executable, "-m", "lungs_utils", "phantom", str(data), "--train", "36", "--test", "9",
+                    "--size", "32"], check=True, capture_output=True)
+    script = str(ROOT / "bench" / "notebook_defaults.py")
+    out = subprocess.run([sys.executable, script, "--only", "15_modern", "--data", str(data / "data"),
+                          "-p", "epochs=1", "-p", "image_size=32"], capture_output=True, text=True, timeout=600)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("15_modern: ")]
+    assert len(line) == 1, out.stdout + out.stderr
+    f1 = float(line[0].split("validation macro-F1 ")[1].split(":")[0])
+    assert out.returncode == (0 if f1 >= 0.6 else 1), out.stdout
+    assert ("learns" in line[0]) == (f1 >= 0.6)
+    bad = subprocess.run([sys.executable, script, "--only", "99_nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: not a model notebook: 99_nope; choose from " + ", ".join(
+            ("10_simple_cnn", "11_resnet", "12_unet", "13_mobilenet", "14_vgg", "15_modern"))]

@@ -2,10 +2,15 @@
 
 `make test-browser` installs what it needs (Debian's `chromium`, `playwright` from PyPI: no browser is
 downloaded) and runs this file with ``LUNGS_BROWSER_TEST=1``; `make test` skips it. The notebooks are
-copied into a scratch folder first (JupyterLab saves outputs into them), run in the order a person
-would, each with its own defaults on the demo's phantom data, and every run folder goes to a scratch
-``outputs/``. A screenshot per notebook, and one of the HTML report at 1280 px, go to the folder printed
-at the start (``LUNGS_BROWSER_SHOTS``, default ``outputs/browser``).
+copied into a scratch folder first (JupyterLab saves outputs into them) and run in the order a person
+would, on a small phantom set (``LUNGS_DATA_DIR``), each with a toy-size cell after its parameters cell
+(``TOY``: what a person does to try a notebook quickly, and what papermill's injected cell does); every run
+folder goes to a scratch ``outputs/``. A screenshot per notebook, and one of the HTML report at 1280 px,
+go to the folder printed at the start (``LUNGS_BROWSER_SHOTS``, default ``outputs/browser``).
+
+What this checks is JupyterLab's side: every cell runs without an error, widgets render, the console
+stays clean, the report fits a window. Whether each model notebook's own defaults learn on the demo's
+data is a measurement of minutes and macro-F1, not of the browser: ``bench/notebook_defaults.py``.
 """
 
 from __future__ import annotations
@@ -22,17 +27,27 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("00_data", "05_lung_segmentation", "10_simple_cnn", "11_resnet", "12_unet", "13_mobilenet", "14_vgg",
          "15_modern", "90_ensemble", "95_leaderboard", "96_explore", "97_sweep")
 TRAINING = "10_simple_cnn"  # where a progress widget must render
-#: Each model notebook's own defaults must learn, not just run: validation macro-F1 at least this on the
-#: demo's phantom data (chance is 0.33; a model predicting one class for every film scores 0.17).
-MIN_DEFAULT_F1 = 0.6
 MODELS = ("10_simple_cnn", "11_resnet", "12_unet", "13_mobilenet", "14_vgg", "15_modern")
-#: A hung notebook, not a slow one: the slowest default (14_vgg) takes 6 minutes on a 2-core AVX2 CPU in fp32.
-NOTEBOOK_TIMEOUT_S = 1500
+#: The toy-size cell put after a notebook's parameters cell: a few epochs at 32 px on the small phantom
+#: set, so the test measures JupyterLab, not training (CI machines without bf16 are 5-10x slower).
+TOY = {**{name: {"image_size": 32, "epochs": 2, "batch_size": 16} for name in MODELS},
+       "05_lung_segmentation": {"image_size": 32, "epochs": 2, "batch_size": 16, "cv": 2},
+       "97_sweep": {"trials": 2}}
+#: The small phantom set every notebook finds through LUNGS_DATA_DIR (``lungs phantom`` arguments).
+PHANTOM = ("--train", "90", "--test", "15", "--size", "64")
+#: What every model notebook's run folder holds after Run All (the contract in docs/design.md; run.json is
+#: the runner's, written by `lungs run` and papermill runs, not by JupyterLab).
+RUN_FOLDER = ("params.yaml", "history.csv", "metrics.json", "val_predictions.csv", "test_predictions.csv",
+              "submission.csv", "split.csv", "checkpoints/best.pt", "checkpoints/last.pt", "audit.csv",
+              "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/gradcam.png")
+#: A hung notebook, not a slow one.
+NOTEBOOK_TIMEOUT_S = 900
 #: Console messages of the page that are not JupyterLab failing (a missing favicon, the browser's own notes).
 BENIGN = ("favicon", "Failed to load resource: the server responded with a status of 404")
 
@@ -59,13 +74,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     """A JupyterLab server on a free loopback port, over a scratch copy of notebooks/."""
     work = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", work / "notebooks")
+    for name, values in TOY.items():
+        _add_toy_cell(work / "notebooks" / f"{name}.ipynb", values)
+    subprocess.run([sys.executable, "-m", "lungs_utils", "phantom", str(work / "phantom"), *PHANTOM], check=True,
+                   capture_output=True)
     outputs = work / "outputs"
     shots = Path(os.environ.get("LUNGS_BROWSER_SHOTS", ROOT / "outputs" / "browser"))
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     print(f"\nscreenshots: {shots}", flush=True)
     port, token = free_port(), "lungs-browser-test"
-    env = {**os.environ, "LUNGS_OUTPUTS": str(outputs), "LUNGS_HOME": str(ROOT), "JUPYTER_CONFIG_DIR": str(work / "cfg"),
+    env = {**os.environ, "LUNGS_OUTPUTS": str(outputs), "LUNGS_HOME": str(ROOT),
+           "LUNGS_DATA_DIR": str(work / "phantom" / "data"), "JUPYTER_CONFIG_DIR": str(work / "cfg"),
            "JUPYTER_RUNTIME_DIR": str(work / "rt")}
     env.pop("LUNGS_PROGRESS", None)  # JupyterLab shows widget bars
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
@@ -130,9 +150,6 @@ _SAVE_AND_CLOSE = f"""async (path) => {{ const w = ({_PANEL})(path);
 def test_every_notebook_runs_all_cells_in_jupyterlab(lab: dict) -> None:
     from playwright.sync_api import sync_playwright
 
-    data = ROOT / "data" / "phantom"
-    if not (data / "data" / "train_answers.csv").is_file():  # the demo's data, as `make demo` leaves it
-        subprocess.run([sys.executable, "-m", "lungs_utils", "phantom", str(data)], check=True)
     timings: dict[str, float] = {}
     scores: dict[str, float] = {}
     console: list[str] = []
@@ -165,11 +182,15 @@ def test_every_notebook_runs_all_cells_in_jupyterlab(lab: dict) -> None:
             assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"
             assert all(c.execution_count is not None for c in code), f"{name}: a code cell was left unexecuted"
             score = ""
-            if name in MODELS:  # the defaults learn something a newcomer can see
+            if name in MODELS:  # the run the notebook made, at the toy size it was given
                 run_name = _default(saved, "run_name")
-                f1 = json.loads((lab["outputs"] / run_name / "metrics.json").read_text())["val_macro_f1"]
-                scores[name] = f1
-                score = f", validation macro-F1 {f1:.3f}"
+                metrics = json.loads((lab["outputs"] / run_name / "metrics.json").read_text())
+                given = yaml.safe_load((lab["outputs"] / run_name / "params.yaml").read_text())
+                assert (given["image_size"], metrics["epochs_run"]) == (32, 2), (name, given, metrics)
+                missing = [f for f in RUN_FOLDER if not (lab["outputs"] / run_name / f).is_file()]
+                assert not missing, f"{name}: its run folder lacks {missing}"
+                scores[name] = metrics["val_macro_f1"]
+                score = f", validation macro-F1 {scores[name]:.3f} (toy size)"
             if name == "96_explore":
                 text = json.dumps(saved.cells[-3:] + saved.cells[:6])
                 assert "teaching tool, not a diagnosis" in text and "the model says" in text, name
@@ -188,8 +209,6 @@ def test_every_notebook_runs_all_cells_in_jupyterlab(lab: dict) -> None:
     (lab["shots"] / "timings.json").write_text(json.dumps({"seconds": timings, "val_macro_f1": scores}, indent=2))
     problems = [m for m in console if not any(b in m for b in BENIGN)]
     assert not problems, "browser console errors:\n" + "\n".join(problems[:10])
-    chance = {n: f for n, f in scores.items() if f < MIN_DEFAULT_F1}
-    assert not chance, f"model notebooks whose defaults learnt (almost) nothing: {chance}"
 
 
 def _default(nb: nbformat.NotebookNode, key: str) -> object:
@@ -198,3 +217,14 @@ def _default(nb: nbformat.NotebookNode, key: str) -> object:
     namespace: dict = {}
     exec(cell.source, namespace)  # noqa: S102 - the suite's own notebook: plain assignments
     return namespace[key]
+
+
+def _add_toy_cell(path: Path, values: dict[str, object]) -> None:
+    """Put a cell setting ``values`` right after the notebook's parameters cell (tagged as papermill tags
+    the cell it injects), so Run All uses them; the notebook's own defaults stay visible above it."""
+    nb = nbformat.read(str(path), as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "# Toy size for the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(at + 1, cell)
+    nbformat.write(nb, str(path))

@@ -427,6 +427,9 @@ COVERED = {
         "tests/test_sweep.py::test_a_sweep_in_its_notebook_ranks_its_trials_prunes_a_hopeless_one_and_its_best_recipe_runs",
         "tests/test_notebooks.py::test_params_file_is_valid"),
     "python bench/competition.py --dry-run": ("tests/test_bench.py::test_competition_dry_run_reports_every_stage",),
+    # Every default trained in full (minutes): its dry run is the test.
+    "python bench/notebook_defaults.py": (
+        "tests/test_bench.py::test_notebook_defaults_reports_minutes_and_score_against_the_floor",),
 }
 
 

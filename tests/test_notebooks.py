@@ -5,8 +5,8 @@ keys, the kernelspec papermill needs, and only thin calls; every params file is 
 
 End to end (slow, one shared session): ``lungs demo`` on a tiny phantom dataset at 32 px / 1 epoch
 runs the ``params/demo`` pipeline (data, simple CNN, tiny ResNet, ensemble, leaderboard) and the
-report; ``lungs pipeline`` runs the remaining model notebooks (ResNet-18, U-Net, MobileNetV2, VGG16)
-at 32 px; every run folder must satisfy the run-folder contract of docs/design.md and no cell may have errored.
+report; ``lungs pipeline`` runs lung segmentation, ResNet-18 and U-Net at 32 px (the browser test runs
+every notebook); every run folder must satisfy the run-folder contract of docs/design.md and no cell may have errored.
 """
 
 from __future__ import annotations
@@ -169,7 +169,9 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> dict:
     demo = lungs("demo", "--train", "36", "--test", "9", "--size", "48", *TINY)
     extra = home / "extra"
     extra.mkdir()
-    for name in ("05_lung_segmentation", "11_resnet18", "12_unet", "13_mobilenet_v2", "14_vgg16"):
+    # 13_mobilenet and 14_vgg run the same experiment.run through the same cells: the browser test runs
+    # them (and checks their run folders); each notebook here costs CI a kernel and a torch import.
+    for name in ("05_lung_segmentation", "11_resnet18", "12_unet"):
         (extra / f"{name}.yaml").write_text((ROOT / "params" / f"{name}.yaml").read_text())
     pipeline = lungs("pipeline", str(extra), *TINY, "-p", "device=cpu")
     # A classifier that reads the segmentation run's predicted masks.
@@ -277,8 +279,7 @@ def test_demo_runs_the_demo_pipeline_and_reports(suite: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run_name,notebook,model", [
-    ("resnet18", "11_resnet.ipynb", "resnet18"), ("unet", "12_unet.ipynb", "unet"),
-    ("mobilenet_v2", "13_mobilenet.ipynb", "mobilenet_v2"), ("vgg16", "14_vgg.ipynb", "vgg16")])
+    ("resnet18", "11_resnet.ipynb", "resnet18"), ("unet", "12_unet.ipynb", "unet")])
 def test_pipeline_runs_the_other_model_notebooks(suite: dict, run_name: str, notebook: str, model: str) -> None:
     result = suite["pipeline"]
     assert result.returncode == 0, result.stdout + result.stderr

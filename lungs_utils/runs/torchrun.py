@@ -15,19 +15,36 @@ from ..paths import CLAIMED_ENV, ESTIMATE_ENV, child_pythonpath
 from ..runfolder import PARAMS_FILE, TORCHRUN_LOG
 
 
-def command(params_file: Path, nproc: int) -> list[str]:
-    """``torchrun --standalone --nproc_per_node=N -m lungs_utils train PARAMS`` with this Python."""
+def torchrun(nproc: int) -> list[str]:
+    """``torchrun`` with this Python, for ``nproc`` processes on this machine.
+
+    ``--local-addr 127.0.0.1``: the workers reach the rendezvous store on loopback. Left to itself torchrun
+    publishes the machine's host name, and where that name does not resolve (seen on a fresh CI machine)
+    every worker retries it for minutes before the first step."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "lungs_utils", "train", str(params_file)]
+            "--local-addr", "127.0.0.1"]
+
+
+def worker_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for torchrun's workers: on Linux gloo binds to loopback (``GLOO_SOCKET_IFNAME=lo``, unless
+    set) instead of resolving the host name, for the same reason as ``--local-addr``."""
+    if sys.platform.startswith("linux"):
+        env = {"GLOO_SOCKET_IFNAME": "lo", **env}
+    return env
+
+
+def command(params_file: Path, nproc: int) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=N --local-addr 127.0.0.1 -m lungs_utils train PARAMS``."""
+    return [*torchrun(nproc), "-m", "lungs_utils", "train", str(params_file)]
 
 
 def launch(run_dir: Path, nproc: int, expected: str = "") -> None:
     """Train the run in ``run_dir`` (every fold of a cross-validation run) in ``nproc`` torchrun processes
     and wait for them; a failure is one error line (a rank's own, else torchrun's last word) pointing at
     the log. ``expected`` is the estimate already said here: the workers repeat it."""
-    env = {**os.environ, "PYTHONPATH": child_pythonpath(),
-           # The caller claimed the folder: the workers write into it, clearing nothing.
-           CLAIMED_ENV: str(run_dir.resolve()), ESTIMATE_ENV: expected}
+    env = worker_env({**os.environ, "PYTHONPATH": child_pythonpath(),
+                      # The caller claimed the folder: the workers write into it, clearing nothing.
+                      CLAIMED_ENV: str(run_dir.resolve()), ESTIMATE_ENV: expected})
     cmd = command(run_dir / PARAMS_FILE, nproc)
     print("$", " ".join(cmd[1:]), flush=True)
     log_path = run_dir / TORCHRUN_LOG
